@@ -143,7 +143,9 @@ def validate(index: Index, where: str) -> None:
         if entry.size != index.num_experts * index.record_size:
             raise bad(f"layer {entry.layer}: size {entry.size} != num_experts * record_size")
         if len(entry.checksums) != index.num_experts:
-            raise bad(f"layer {entry.layer}: {len(entry.checksums)} checksums for {index.num_experts} experts")
+            raise bad(
+                f"layer {entry.layer}: {len(entry.checksums)} checksums for {index.num_experts} experts"
+            )
     for n, plan in index.split_plans.items():
         expected = [list(r) for r in split_plan(index.expert_bytes, index.alignment, int(n))]
         if plan != expected:
@@ -157,7 +159,9 @@ def read_index(root: str | os.PathLike) -> Index:
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
     if not path.is_file():
-        raise LayoutError(f"{path}: missing (not a flashmoe layout, or its conversion did not finish)")
+        raise LayoutError(
+            f"{path}: missing (not a flashmoe layout, or its conversion did not finish)"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,0 +1,152 @@
+"""The expert slot bank: per MoE layer, stable MLX arrays that hold the resident experts.
+
+For each of the nine components a bank owns one array ``[slots, *per_expert_shape]`` (a Metal
+buffer on Apple silicon, plain memory on the CPU backend). Experts are read straight into a slot's
+bytes (the reader scatters one record into nine per-component views), and the model computes with
+``gather_qmm`` over the whole bank using slot ids, so no per-token expert array is ever built.
+
+Ordering rule (why ``fence()`` exists): MLX is lazy, and a graph built over the bank reads the
+slot bytes when it *runs*, not when it is built. A slot may therefore only be overwritten after
+every computation that was built over the bank has been evaluated. Every output computed from a
+bank is registered with ``add_pending``; ``fence()`` evaluates them and must be called before any
+write. In decode this is free (the previous token's outputs are already evaluated when the router
+of the next token is synced); it matters when one call splits its tokens into groups.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import mlx.core as mx
+import numpy as np
+
+_DTYPES = {
+    "U32": mx.uint32,
+    "U8": mx.uint8,
+    "BF16": mx.bfloat16,
+    "F16": mx.float16,
+    "F32": mx.float32,
+}
+
+
+class BankFullError(RuntimeError):
+    """More distinct experts are needed at once than the bank has slots."""
+
+
+class LRUPolicy:
+    """Least recently used eviction over expert ids."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, experts: Iterable[int]) -> None:
+        for e in experts:
+            self._order[e] = None
+            self._order.move_to_end(e)
+
+    def remove(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+    def victims(self, count: int, keep: set[int]) -> list[int]:
+        """``count`` resident experts to evict, least recently used first, never one in ``keep``."""
+        out = []
+        for e in self._order:
+            if len(out) == count:
+                break
+            if e not in keep:
+                out.append(e)
+        return out
+
+
+class ExpertBank:
+    """Slots for the experts of one MoE layer.
+
+    ``components`` is a list of ``(name, dtype, shape)`` in record order (dtype in safetensors
+    spelling). ``assign(experts)`` makes room for a set of experts and returns which of them must be
+    read and into which slot; ``commit``/``abort`` mark those reads done or failed.
+    """
+
+    def __init__(self, slots: int, components: list[tuple[str, str, list[int]]], policy=None):
+        if slots < 1:
+            raise ValueError("a bank needs at least one slot")
+        self.slots = slots
+        self.names = [name for name, _, _ in components]
+        self.arrays: list[mx.array] = [
+            mx.zeros((slots, *shape), dtype=_DTYPES[dtype]) for _, dtype, shape in components
+        ]
+        mx.eval(self.arrays)
+        # Writable byte views of each component array, and per-slot slices of them: the
+        # destinations of the reads. memoryview(mx.array) is the array's own buffer (no copy).
+        self._views = [memoryview(a).cast("B") for a in self.arrays]
+        self.slot_nbytes = [v.nbytes // slots for v in self._views]
+        self.policy = policy or LRUPolicy()
+        self.slot_of: dict[int, int] = {}  # resident expert -> slot
+        self.free = list(range(slots - 1, -1, -1))  # stack; slot 0 used first
+        self.slot_map = np.full(0, -1, dtype=np.int32)  # filled lazily by ``slot_ids``
+        self._pending: list[mx.array] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self._views)
+
+    def slot_buffers(self, slot: int) -> tuple[memoryview, ...]:
+        """The nine destination views of ``slot``, in record order."""
+        return tuple(
+            v[slot * n : (slot + 1) * n] for v, n in zip(self._views, self.slot_nbytes, strict=True)
+        )
+
+    def assign(self, experts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Make every expert in ``experts`` (distinct ids) resident-or-assigned.
+
+        Returns ``(hits, misses)`` where ``misses`` are ``(expert, slot)`` pairs to read. Evicts
+        least recently used experts that are not in ``experts``. Raises BankFullError when
+        ``len(experts) > slots``.
+        """
+        if len(experts) > self.slots:
+            raise BankFullError(
+                f"{len(experts)} experts needed at once, bank has {self.slots} slots"
+            )
+        needed = set(experts)
+        hits = [e for e in experts if e in self.slot_of]
+        missing = [e for e in experts if e not in self.slot_of]
+        shortfall = len(missing) - len(self.free)
+        if shortfall > 0:
+            for victim in self.policy.victims(shortfall, needed):
+                self.free.append(self.slot_of.pop(victim))
+                self.policy.remove(victim)
+        misses = []
+        for e in missing:
+            slot = self.free.pop()
+            self.slot_of[e] = slot
+            misses.append((e, slot))
+        self.policy.touch(experts)
+        return hits, misses
+
+    def abort(self, misses: list[tuple[int, int]]) -> None:
+        """Forget experts whose reads failed: their slots hold garbage and go back to the free list."""
+        for e, slot in misses:
+            if self.slot_of.get(e) == slot:
+                del self.slot_of[e]
+                self.policy.remove(e)
+                self.free.append(slot)
+
+    def slot_ids(self, experts: np.ndarray) -> mx.array:
+        """Map an array of resident expert ids to slot ids (same shape, uint32)."""
+        table = np.full(int(experts.max()) + 1, -1, dtype=np.int64)
+        for e, s in self.slot_of.items():
+            if e < table.size:
+                table[e] = s
+        slots = table[experts]
+        if (slots < 0).any():
+            raise KeyError("slot_ids() asked for an expert that is not resident")
+        return mx.array(slots.astype(np.uint32))
+
+    def add_pending(self, out: mx.array) -> None:
+        self._pending.append(out)
+
+    def fence(self) -> None:
+        """Evaluate every computation built over this bank (see the ordering rule above)."""
+        if self._pending:
+            mx.eval(self._pending)
+            self._pending.clear()

@@ -1,0 +1,179 @@
+"""``load()``: build mlx-lm's own model from a layout, with every SwitchGLU streamed from disk."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
+from ..layouts import Index, LayoutError, read_index, text_config
+from ..layouts.families import layer_of_module_path
+from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
+from .reader import make_reader
+from .store import ExpertStore
+from .streaming import StreamingSwitchGLU
+
+
+@dataclass
+class Timing:
+    """Seconds accumulated by the streaming modules when timing is on (adds one sync per phase)."""
+
+    dense: float = 0.0
+    router: float = 0.0
+    compute: float = 0.0
+
+    def reset(self) -> None:
+        self.dense = self.router = self.compute = 0.0
+
+
+@dataclass
+class Runtime:
+    """What ``load`` attaches to the model as ``model.flashmoe``."""
+
+    root: Path
+    index: Index
+    store: ExpertStore
+    slots: int
+    top_k: int
+    timing: Timing | None
+    budget_note: str
+
+
+def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
+    """A local layout directory, or a Hub repo id pulled (and verified) into the local cache."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    if "/" in path_or_repo and not path_or_repo.startswith((".", "/", "~")):
+        from .hub import pull
+
+        return pull(path_or_repo, **pull_options)
+    raise LayoutError(f"{path_or_repo}: no such layout directory")
+
+
+def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
+    """Replace every SwitchGLU child in ``model`` by ``make(path, layer, glu)``; return (parent, layer)."""
+    found = []
+    for path, module in model.named_modules():
+        for name, child in module.children().items():
+            if isinstance(child, SwitchGLU):
+                child_path = f"{path}.{name}" if path else name
+                found.append((module, name, child, child_path))
+    swapped = []
+    for parent, name, glu, child_path in found:
+        layer = layer_of_module_path(child_path)
+        if layer is None:
+            raise LayoutError(f"cannot tell the layer of MoE module {child_path}")
+        setattr(parent, name, make(layer, glu))
+        swapped.append((parent, layer))
+    return swapped
+
+
+def load(
+    path_or_repo: str,
+    *,
+    bank_experts: int | None = None,
+    memory_budget_gb: float | None = None,
+    cache_io_split: int = 1,
+    io_threads: int = 8,
+    reader: str = "auto",
+    k: int | None = None,
+    verify: bool = False,
+    timing: bool = False,
+    max_kv_tokens: int = 8192,
+    revision: str | None = None,
+    return_config: bool = False,
+    quiet: bool = True,
+):
+    """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
+
+    The non-expert weights are loaded resident; each MoE layer's routed experts are streamed into
+    a bank of ``bank_experts`` slots (or as many as ``memory_budget_gb`` allows; by default 75 % of
+    physical memory, capped at all experts). ``k`` overrides the number of routed experts per token
+    (fewer changes the output). ``verify`` checks each expert read against the index checksums.
+    """
+    root = resolve_model_path(path_or_repo, revision=revision)
+    index = read_index(root)
+    tc = text_config(index.config)
+    moe_layers = len(index.layers)
+    top_k = index.top_k if k is None else k
+    if not 1 <= top_k <= index.num_experts:
+        raise ValueError(f"--k {top_k} is not in 1..{index.num_experts} (experts per layer)")
+    if not 1 <= cache_io_split <= 8:
+        raise ValueError(f"cache-io-split must be in 1..8, got {cache_io_split}")
+
+    if bank_experts is not None:
+        if not top_k <= bank_experts <= index.num_experts:
+            raise ValueError(
+                f"bank of {bank_experts} experts cannot hold one token's {top_k} experts "
+                f"(allowed: {top_k}..{index.num_experts})"
+            )
+        slots, note = bank_experts, f"bank: {bank_experts} experts per layer (asked)"
+    else:
+        budget = int((memory_budget_gb * GiB) if memory_budget_gb else 0.75 * physical_memory())
+        slots = slots_for_budget(
+            budget,
+            dense_bytes=index.dense.size,
+            kv_bytes=kv_cache_bytes(tc, max_kv_tokens),
+            expert_bytes=index.expert_bytes,
+            moe_layers=moe_layers,
+            num_experts=index.num_experts,
+            min_slots=top_k,
+        )
+        what = f"budget {budget / GiB:.2f} GiB" if memory_budget_gb else "75% of RAM"
+        note = (
+            f"bank: {slots} of {index.num_experts} experts per layer "
+            f"({slots * moe_layers * index.expert_bytes / GiB:.2f} GiB) from {what}"
+        )
+    io = make_reader(reader, threads=io_threads)
+    store = ExpertStore(root, index, io, slots=slots, split=cache_io_split, verify=verify)
+    timer = Timing() if timing else None
+    parents: list[tuple[nn.Module, int]] = []
+
+    def get_classes(config: dict):
+        model_class, args_class = _get_classes(config)
+
+        class StreamingModel(model_class):
+            # Swap before load_model quantizes or loads anything: no [num_experts, ...] tensor
+            # is ever evaluated.
+            def __init__(self, args):
+                super().__init__(args)
+                parents.extend(
+                    _swap_switch_glus(
+                        self, lambda layer, glu: StreamingSwitchGLU(layer, glu, store, timer)
+                    )
+                )
+
+        StreamingModel.__name__ = model_class.__name__
+        return StreamingModel, args_class
+
+    model, config = load_model(root, get_model_classes=get_classes)
+    layers = sorted(layer for _, layer in parents)
+    expected = sorted(entry.layer for entry in index.layers)
+    if layers != expected:
+        raise LayoutError(
+            f"{root}: the model has MoE layers {layers} but the layout has {expected}"
+        )
+    if k is not None:
+        if k != index.top_k:
+            print(
+                f"flashmoe: warning: routing {k} experts per token instead of {index.top_k}; "
+                "output will differ from the original model",
+                file=sys.stderr,
+            )
+        for parent, _ in parents:
+            if not hasattr(parent, "top_k"):
+                raise ValueError(f"{type(parent).__name__} has no top_k to override")
+            parent.top_k = k
+    set_limits(index.dense.size + slots * moe_layers * index.expert_bytes)
+    tokenizer = load_tokenizer(root, eos_token_ids=config.get("eos_token_id", None))
+    model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note)
+    if not quiet:
+        print(f"flashmoe: {note}", file=sys.stderr)
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer

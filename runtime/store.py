@@ -1,0 +1,166 @@
+"""ExpertStore: the layout's layer files, the reader and one expert bank per MoE layer.
+
+Per layer and call the hot path is: one ``assign`` (dict work over at most ``slots`` experts), one
+reader batch of ``misses * chunks`` scatter reads (``preadv``, straight into bank memory, zero
+copies), and one wait. Syscalls per token = misses x split count; no other copies.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..layouts import Index, safe_relative_path
+from ..metal.bank import ExpertBank
+from .reader import ReadRequest, open_for_reading
+
+
+@dataclass
+class StoreStats:
+    """Counters since the last ``reset``; I/O seconds are wall time spent waiting for reads."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    io_seconds: float = 0.0
+    calls: int = 0
+    per_layer_misses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def reset(self) -> None:
+        self.hits = self.misses = self.bytes_read = self.calls = 0
+        self.io_seconds = 0.0
+        self.per_layer_misses.clear()
+
+
+def chunk_buffers(buffers: tuple[memoryview, ...], start: int, end: int) -> tuple[memoryview, ...]:
+    """The parts of a record's scatter buffers that cover record bytes ``[start, end)``."""
+    out = []
+    pos = 0
+    for b in buffers:
+        n = b.nbytes
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append(b[lo - pos : hi - pos])
+        pos += n
+        if pos >= end:
+            break
+    return tuple(out)
+
+
+class ExpertStore:
+    """Streams experts of a layout into per-layer banks of ``slots`` experts."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        index: Index,
+        reader,
+        *,
+        slots: int,
+        split: int = 1,
+        verify: bool = False,
+    ):
+        from ..layouts.plan import split_plan
+
+        self.root = Path(root)
+        self.index = index
+        self.reader = reader
+        self.slots = slots
+        self.split = split
+        self.verify = verify
+        self.stats = StoreStats()
+        self.plan = split_plan(index.expert_bytes, index.alignment, split)
+        self.components = [(c.name, c.dtype, c.shape) for c in index.components]
+        self._fds: dict[int, int] = {}
+        self._paths: dict[int, str] = {}
+        self.banks: dict[int, ExpertBank] = {}
+        # (layer, slot) -> per-chunk scatter buffers; built once, reused for every read.
+        self._chunk_cache: dict[tuple[int, int], list[tuple[int, tuple[memoryview, ...]]]] = {}
+        for entry in index.layers:
+            path = safe_relative_path(self.root, entry.file, "layer file")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: layer file missing") from None
+            if size != entry.size:
+                raise ValueError(f"{path}: size {size} bytes, index says {entry.size} (truncated?)")
+            self._paths[entry.layer] = str(path)
+
+    def bank(self, layer: int) -> ExpertBank:
+        """The bank of ``layer``, allocated on first use."""
+        bank = self.banks.get(layer)
+        if bank is None:
+            bank = self.banks[layer] = ExpertBank(self.slots, self.components)
+            self._fds[layer] = open_for_reading(self._paths[layer])
+        return bank
+
+    def _chunks(self, layer: int, bank: ExpertBank, slot: int):
+        key = (layer, slot)
+        chunks = self._chunk_cache.get(key)
+        if chunks is None:
+            buffers = bank.slot_buffers(slot)
+            chunks = [(a, chunk_buffers(buffers, a, b)) for a, b in self.plan]
+            self._chunk_cache[key] = chunks
+        return chunks
+
+    def ensure(self, layer: int, experts: list[int]) -> ExpertBank:
+        """Make ``experts`` (distinct ids) resident in ``layer``'s bank, reading the misses."""
+        bank = self.bank(layer)
+        bank.fence()
+        hits, misses = bank.assign(experts)
+        self.stats.calls += 1
+        self.stats.hits += len(hits)
+        if misses:
+            self.stats.misses += len(misses)
+            self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + len(
+                misses
+            )
+            fd, path = self._fds[layer], self._paths[layer]
+            record = self.index.record_size
+            requests = [
+                ReadRequest(fd, e * record + start, bufs, path)
+                for e, slot in misses
+                for start, bufs in self._chunks(layer, bank, slot)
+            ]
+            t0 = time.perf_counter()
+            try:
+                self.reader.read(requests)
+                if self.verify:
+                    self._check(layer, bank, misses)
+            except BaseException:
+                bank.abort(misses)
+                raise
+            self.stats.io_seconds += time.perf_counter() - t0
+            self.stats.bytes_read += len(misses) * self.index.expert_bytes
+        return bank
+
+    def _check(self, layer: int, bank: ExpertBank, misses) -> None:
+        import hashlib
+
+        sums = self.index.layer(layer).checksums
+        for e, slot in misses:
+            h = hashlib.sha256()
+            for b in bank.slot_buffers(slot):
+                h.update(b)
+            if h.hexdigest() != sums[e]:
+                raise ValueError(
+                    f"{self._paths[layer]}: checksum mismatch for expert {e} of layer {layer}"
+                )
+
+    def resident(self, layer: int) -> np.ndarray:
+        bank = self.banks.get(layer)
+        return np.array(sorted(bank.slot_of) if bank else [], dtype=np.int64)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,124 @@
+"""StreamingSwitchGLU: mlx-lm's SwitchGLU computed over an expert bank instead of all experts.
+
+The module keeps the model's own ``SwitchGLU`` (so its activation and its ``__call__`` - the
+gather/sort logic - are mlx-lm's, not a copy) and points that SwitchGLU's three projections at the
+bank's arrays. Per call: one sync to read the routed expert ids, one ``ExpertStore.ensure`` per
+group of tokens, then mlx-lm's SwitchGLU over the bank with slot ids. Tokens are processed
+expert-major: the union of the experts routed by all tokens (and all batch rows) is read once; when
+the union does not fit in the bank, the tokens are split into consecutive groups whose unions fit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+
+from ..layouts import Index
+from ..metal.bank import ExpertBank
+from .store import ExpertStore
+
+
+def _bank_linear(
+    weight: mx.array, scales: mx.array, biases: mx.array, comp
+) -> QuantizedSwitchLinear:
+    """A QuantizedSwitchLinear over existing bank arrays (its __init__ would draw random weights)."""
+    layer = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+    nn.Module.__init__(layer)
+    layer.group_size = comp.group_size
+    layer.bits = comp.bits
+    layer.mode = comp.mode
+    layer.weight = weight
+    layer.scales = scales
+    layer.biases = biases
+    layer.global_scale = None
+    layer.freeze()
+    return layer
+
+
+class _Compute:
+    """Holds the SwitchGLU outside the module tree, so it never counts as model parameters."""
+
+    def __init__(self, glu: SwitchGLU):
+        self.glu = glu
+
+
+class StreamingSwitchGLU(nn.Module):
+    """Drop-in replacement for one MoE layer's ``SwitchGLU``; it owns no parameters."""
+
+    def __init__(self, layer: int, original: SwitchGLU, store: ExpertStore, timing=None):
+        super().__init__()
+        self.layer = layer
+        self._store = store
+        self._original = _Compute(original)
+        self._bound_bank: ExpertBank | None = None
+        self._timing = timing
+
+    def _glu(self, bank: ExpertBank) -> SwitchGLU:
+        if self._bound_bank is not bank:
+            glu = self._original.glu
+            idx: Index = self._store.index
+            a = bank.arrays
+            for p, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+                comp = idx.component(f"{proj}.weight")
+                setattr(glu, proj, _bank_linear(a[3 * p], a[3 * p + 1], a[3 * p + 2], comp))
+            self._bound_bank = bank
+        return self._original.glu
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        t = self._timing
+        t0 = time.perf_counter()
+        if t is not None:
+            mx.eval(x)
+            t1 = time.perf_counter()
+            t.dense += t1 - t0
+            t0 = t1
+        experts = np.array(indices)  # the router sync
+        if t is not None:
+            t.router += time.perf_counter() - t0
+        k = experts.shape[-1]
+        flat = experts.reshape(-1, k)
+        store = self._store
+        unique = np.unique(flat)
+        if unique.size <= store.slots:
+            out = self._compute(x, experts, unique)
+        else:
+            out = self._compute_in_groups(x, experts, flat)
+        if t is not None:
+            t2 = time.perf_counter()
+            mx.eval(out)
+            t.compute += time.perf_counter() - t2
+        return out
+
+    def _compute(self, x: mx.array, experts: np.ndarray, unique: np.ndarray) -> mx.array:
+        bank = self._store.ensure(self.layer, unique.tolist())
+        out = self._glu(bank)(x, bank.slot_ids(experts))
+        bank.add_pending(out)
+        return out
+
+    def _compute_in_groups(self, x: mx.array, experts: np.ndarray, flat: np.ndarray) -> mx.array:
+        """Split the tokens into consecutive groups whose expert unions fit in the bank."""
+        slots = self._store.slots
+        if flat.shape[1] > slots:
+            raise ValueError(f"{flat.shape[1]} experts per token do not fit in {slots} slots")
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, x.shape[-1])
+        groups, start, seen = [], 0, set()
+        for row in range(flat.shape[0]):
+            ids = set(flat[row].tolist())
+            if len(seen | ids) > slots:
+                groups.append((start, row, seen))
+                start, seen = row, set()
+            seen |= ids
+        groups.append((start, flat.shape[0], seen))
+        outs = []
+        for a, b, ids in groups:
+            out = self._compute(xs[a:b], flat[a:b], np.array(sorted(ids)))
+            # The next group may overwrite slots this group reads (see the bank's ordering rule).
+            self._store.bank(self.layer).fence()
+            outs.append(out)
+        out = mx.concatenate(outs, axis=0)
+        return out.reshape(*lead, *out.shape[1:])
