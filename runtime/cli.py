@@ -1,0 +1,177 @@
+"""``flashmoe-run``: generate text with a model whose routed experts stream from a layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+PROG = "flashmoe-run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Generate text from a flashmoe layout (a directory or a Hub repo id), "
+        "streaming the routed experts from disk.",
+    )
+    p.add_argument("model", nargs="?", help="layout directory or Hub repo id (ORG/NAME)")
+    g = p.add_argument_group("generation (as mlx_lm.generate)")
+    g.add_argument("--prompt", "-p", default="Hello", help="the prompt, or - to read stdin")
+    g.add_argument("--system-prompt", default=None)
+    g.add_argument("--ignore-chat-template", action="store_true")
+    g.add_argument("--max-tokens", "-m", type=int, default=256)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    s = p.add_argument_group("expert streaming")
+    s.add_argument("--k", type=int, default=None, help="routed experts per token (default: config)")
+    s.add_argument("--cache-io-split", type=int, default=1, help="chunks per expert read, 1..8")
+    s.add_argument("--io-threads", type=int, default=8)
+    s.add_argument("--reader", choices=("auto", "native", "python"), default="auto")
+    s.add_argument("--bank-experts", type=int, default=None, help="expert slots per MoE layer")
+    s.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="size the bank so dense weights + bank + KV cache fit in GB",
+    )
+    s.add_argument(
+        "--verify", action="store_true", help="check every expert read against its checksum"
+    )
+    s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
+    p.add_argument(
+        "--timing", action="store_true", help="print per-token timing and I/O statistics"
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="build a small random-weight model, convert it and run it (no network)",
+    )
+    return p
+
+
+def _prompt_tokens(args, tokenizer) -> list[int]:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.ignore_chat_template or tokenizer.chat_template is None:
+        return tokenizer.encode(prompt)
+    messages = []
+    if args.system_prompt:
+        messages.append({"role": "system", "content": args.system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generate(
+    model, tokenizer, prompt: list[int], args, out=sys.stdout, err=sys.stderr
+) -> list[int]:
+    """Stream a completion to ``out``; with ``args.timing`` print statistics to ``err``."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    rt = model.flashmoe
+    stats, timing = rt.store.stats, rt.timing
+    stats.reset()
+    if timing:
+        timing.reset()
+    sampler = make_sampler(args.temp, args.top_p, args.min_p)
+    tokens: list[int] = []
+    start = time.perf_counter()
+    first = None
+    response = None
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
+    ):
+        if first is None:
+            first = (
+                time.perf_counter() - start,
+                stats.misses,
+                stats.hits,
+                stats.bytes_read,
+                stats.io_seconds,
+                (timing.dense, timing.router, timing.compute) if timing else None,
+                time.perf_counter(),
+            )
+        tokens.append(response.token)
+        out.write(response.text)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if args.timing and response is not None and first is not None:
+        n = len(tokens) - 1
+        ttft, m0, h0, b0, io0, t0, decode_start = first
+        decode_s = time.perf_counter() - decode_start
+        lines = [
+            f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s, "
+            f"TTFT {ttft * 1000:.0f} ms",
+            f"decode: {len(tokens)} tokens, {n / decode_s if n and decode_s else 0:.2f} tok/s"
+            f" ({response.generation_tps:.2f} tok/s by mlx-lm)",
+            f"bank: {rt.slots} experts/layer, hit rate {stats.hit_rate * 100:.1f}% overall",
+        ]
+        if n:
+            miss, hit = stats.misses - m0, stats.hits - h0
+            rate = hit / (hit + miss) if hit + miss else 0.0
+            io_ms = (stats.io_seconds - io0) * 1000 / n
+            lines.append(
+                f"per decode token: expert I/O {io_ms:.2f} ms, "
+                f"{(stats.bytes_read - b0) / n / 1e6:.2f} MB read, hit rate {rate * 100:.1f}%"
+            )
+            if timing:
+                d, r, c = (
+                    (now - then) * 1000 / n
+                    for now, then in zip(
+                        (timing.dense, timing.router, timing.compute), t0, strict=True
+                    )
+                )
+                lines.append(
+                    f"per decode token: dense {d:.2f} ms, router sync {r:.2f} ms, "
+                    f"expert compute {c:.2f} ms"
+                )
+        lines.append(f"peak memory {response.peak_memory:.3f} GB")
+        for line in lines:
+            print(f"[timing] {line}", file=err)
+    return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from .demo import run_demo
+
+            return run_demo(args)
+        if not args.model:
+            raise ValueError("MODEL is required (or use --demo)")
+        from .loader import load
+
+        model, tokenizer = load(
+            args.model,
+            bank_experts=args.bank_experts,
+            memory_budget_gb=args.memory_budget,
+            cache_io_split=args.cache_io_split,
+            io_threads=args.io_threads,
+            reader=args.reader,
+            k=args.k,
+            verify=args.verify,
+            timing=args.timing,
+            revision=args.revision,
+            quiet=False,
+        )
+        generate(model, tokenizer, _prompt_tokens(args, tokenizer), args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The streamed model against stock mlx-lm: bit-identical logits and greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from flashmoe.runtime import load
+from flashmoe.runtime.reader import make_reader
+from mlx_lm.sample_utils import make_sampler
+
+FAMILIES = ["qwen3_5_moe", "qwen3_5_moe_flat", "qwen3_moe", "qwen3_next"]
+LONG_TEXT = (
+    "Streaming experts from a solid state disk lets a laptop run a model larger than its memory. "
+    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris. " * 2
+)
+
+
+def _readers():
+    kinds = ["python"]
+    try:
+        make_reader("native", threads=2).close()
+        kinds.append("native")
+    except RuntimeError:
+        pass
+    return kinds
+
+
+READERS = _readers()
+
+_reference_cache: dict = {}
+
+
+def reference(src):
+    """Stock mlx-lm on the source checkpoint: (prompt, prefill logits, 32 greedy tokens)."""
+    key = str(src)
+    if key not in _reference_cache:
+        model, tok = mlx_lm.load(str(src))
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": LONG_TEXT}], add_generation_prompt=True
+        )
+        logits = model(mx.array(prompt)[None])
+        tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=32)]
+        _reference_cache[key] = (prompt, np.array(logits.astype(mx.float32)), tokens)
+    return _reference_cache[key]
+
+
+def streamed(layout_dir, prompt, **options):
+    model, tok = load(str(layout_dir), **options)
+    logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
+    model.flashmoe.store.stats.reset()
+    tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=32)]
+    return model, logits, tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, 0.0])
+@pytest.mark.parametrize("split", [1, 4])
+def test_bit_identical_to_mlx_lm(layout, family, fraction, split):
+    src, out = layout(family)
+    prompt, ref_logits, ref_tokens = reference(src)
+    index = json.loads((out / "flashmoe-index.json").read_text())
+    experts, top_k = index["num_experts"], index["top_k"]
+    slots = max(top_k, int(experts * fraction))
+    model, logits, tokens = streamed(out, prompt, bank_experts=slots, cache_io_split=split)
+    assert np.array_equal(logits, ref_logits), "prefill logits differ from mlx-lm"
+    assert tokens == ref_tokens, "greedy tokens differ from mlx-lm"
+    stats = model.flashmoe.store.stats
+    assert stats.bytes_read == stats.misses * index["expert_bytes"]
+    if slots < experts:
+        assert stats.misses > 0  # evictions happened during decode
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_readers_and_splits(layout, reader, split):
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    _, logits, tokens = streamed(
+        out, prompt, bank_experts=5, cache_io_split=split, reader=reader, io_threads=3
+    )
+    assert np.array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
+
+
+def test_prefill_longer_than_bank_reads_each_expert_once_per_group(layout):
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, _ = reference(src)
+    model, tok = load(str(out), bank_experts=4)
+    stats = model.flashmoe.store.stats
+    logits = model(mx.array(prompt)[None])
+    mx.eval(logits)
+    assert np.array_equal(np.array(logits.astype(mx.float32)), ref_logits)
+    # The prompt routes to (far) more distinct experts than 4 slots, so it was split into groups,
+    # and each group read only the experts it lacked: misses <= distinct (token, expert) pairs.
+    layers = len(model.flashmoe.index.layers)
+    assert stats.calls > layers
+    assert stats.misses <= len(prompt) * 4 * layers
+
+
+def test_full_bank_reads_every_expert_at_most_once(layout):
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    model, logits, tokens = streamed(out, prompt, bank_experts=16)
+    assert tokens == ref_tokens
+    model2, _ = load(str(out), bank_experts=16)
+    model2(mx.array(prompt)[None])
+    store = model2.flashmoe.store
+    for layer, bank in store.banks.items():
+        assert store.stats.per_layer_misses[layer] == len(bank.slot_of)
+
+
+def test_sampling_with_seed_reproduces_and_matches_mlx_lm(layout):
+    src, out = layout("qwen3_5_moe")
+    prompt, _, _ = reference(src)
+    sampler = make_sampler(temp=0.9, top_p=0.95)
+
+    def run(model, tok):
+        mx.random.seed(1234)
+        return [
+            r.token
+            for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=24, sampler=sampler)
+        ]
+
+    model, tok = load(str(out), bank_experts=6)
+    first, second = run(model, tok), run(model, tok)
+    ref_model, ref_tok = mlx_lm.load(str(src))
+    assert first == second == run(ref_model, ref_tok)
+
+
+def test_reduced_k_runs_and_warns(layout, capsys):
+    src, out = layout("qwen3_5_moe")
+    prompt, _, _ = reference(src)
+    model, tok = load(str(out), bank_experts=4, k=2)
+    assert "routing 2 experts per token instead of 4" in capsys.readouterr().err
+    tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=4)]
+    assert len(tokens) == 4
+    stats = model.flashmoe.store.stats
+    assert stats.hits + stats.misses > 0
+
+
+def test_batched_rows_match_rows_alone(layout):
+    """Two sequences in one batch: the union of their experts is read once; rows equal solo runs."""
+    src, out = layout("qwen3_5_moe")
+    model, tok = load(str(out), bank_experts=8)
+    a = tok.encode("The quick brown fox jumps over the lazy dog.")
+    b = tok.encode("What is the capital of France? Paris is.")
+    n = min(len(a), len(b))
+    batch = mx.array([a[:n], b[:n]])
+    both = np.array(model(batch).astype(mx.float32))
+    ref_model, _ = mlx_lm.load(str(src))
+    ref = np.array(ref_model(batch).astype(mx.float32))
+    assert np.array_equal(both, ref)
+
+
+def test_read_failure_leaves_no_valid_slot(layout, tmp_path):
+    import shutil
+
+    src, out = layout("qwen3_5_moe")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    model, tok = load(str(copy), bank_experts=4, reader="python")
+    store = model.flashmoe.store
+    layer_file = copy / model.flashmoe.index.layers[0].file
+    with open(layer_file, "r+b") as f:
+        f.truncate(model.flashmoe.index.record_size)  # only expert 0 survives
+    with pytest.raises(OSError, match="end of file"):
+        store.ensure(model.flashmoe.index.layers[0].layer, [1, 2, 3])
+    bank = store.banks[model.flashmoe.index.layers[0].layer]
+    assert not set(bank.slot_of) & {1, 2, 3}
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flashmoe.runtime.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+
+
+def test_cli_generates_same_text_as_mlx_lm(layout):
+    src, out = layout("qwen3_5_moe")
+    r = run_cli(
+        out,
+        "--prompt",
+        "Hello world",
+        "--max-tokens",
+        "12",
+        "--bank-experts",
+        "6",
+        "--timing",
+        "--cache-io-split",
+        "2",
+    )
+    assert r.returncode == 0, r.stderr
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(src),
+            "--prompt",
+            "Hello world",
+            "--max-tokens",
+            "12",
+            "--verbose",
+            "False",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if ref.returncode == 0 and ref.stdout.strip():
+        assert r.stdout.strip() == ref.stdout.strip()
+    for field in (
+        "TTFT",
+        "tok/s",
+        "hit rate",
+        "MB read",
+        "expert I/O",
+        "router sync",
+        "expert compute",
+    ):
+        assert field in r.stderr
+
+
+def test_cli_reads_prompt_from_stdin(layout):
+    _, out = layout("qwen3_5_moe")
+    r = run_cli(out, "--prompt", "-", "--max-tokens", "4", stdin="Hello")
+    assert r.returncode == 0, r.stderr
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flashmoe-run: error:"), r.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_cli_bad_inputs(layout, tmp_path):
+    import shutil
+
+    _, out = layout("qwen3_5_moe")
+    _one_line_error(run_cli(tmp_path / "missing"), "missing")
+    _one_line_error(run_cli(tmp_path), "flashmoe-index.json")  # a directory but not a layout
+    _one_line_error(run_cli(out, "--k", "99"), "--k 99")
+    _one_line_error(run_cli(out, "--bank-experts", "2"), "bank of 2")
+    _one_line_error(run_cli(out, "--memory-budget", "0.01"), "memory budget")
+    _one_line_error(run_cli(out, "--cache-io-split", "9"), "1..8")
+
+    bad = tmp_path / "badversion"
+    shutil.copytree(out, bad)
+    index = json.loads((bad / "flashmoe-index.json").read_text())
+    index["version"] = 99
+    (bad / "flashmoe-index.json").write_text(json.dumps(index))
+    _one_line_error(run_cli(bad), "version 99")
+
+    trunc = tmp_path / "truncated"
+    shutil.copytree(out, trunc)
+    layer = trunc / index["layers"][1]["file"]
+    with open(layer, "r+b") as f:
+        f.truncate(layer.stat().st_size - 100)
+    _one_line_error(run_cli(trunc), "truncated", index["layers"][1]["file"].split("/")[-1])
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt)
+    layer = corrupt / index["layers"][0]["file"]
+    data = bytearray(layer.read_bytes())
+    for e in range(index["num_experts"]):  # flip a byte in every expert of layer 0
+        data[e * index["record_size"] + 10] ^= 0xFF
+    layer.write_bytes(bytes(data))
+    _one_line_error(run_cli(corrupt, "--verify", "--max-tokens", "2"), "checksum mismatch")
