@@ -1,0 +1,114 @@
+"""``flashmoe-convert SRC -o OUT`` and ``flashmoe-convert verify OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..layouts import DEFAULT_ALIGNMENT, LayoutError
+
+PROG = "flashmoe-convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The converter's argument parser (other commands may add options to it)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Repack an MLX Mixture-of-Experts checkpoint into a flashmoe layout "
+        "(one file per MoE layer, one aligned record per expert). "
+        f"'{PROG} verify OUT' checks an existing layout.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint directory or Hugging Face repo id")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="output directory (empty, or an interrupted conversion to resume)",
+    )
+    p.add_argument(
+        "--alignment",
+        type=int,
+        default=DEFAULT_ALIGNMENT,
+        metavar="N",
+        help="record alignment in bytes, a power of two >= 4096 (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="files written in parallel (default: CPUs + 1, at most 4)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after writing, re-read every record and compare it with the source",
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        metavar="R",
+        help="Hub revision (branch, tag or commit) to convert",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} verify", description="Check a layout's file sizes and checksums."
+    )
+    p.add_argument("out", metavar="OUT", help="layout directory")
+    p.add_argument("--sizes-only", action="store_true", help="check sizes, skip checksums")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["verify"]:
+            args = build_verify_parser().parse_args(argv[1:])
+            from ..layouts.verify import verify_layout
+
+            index = verify_layout(args.out, checksums=not args.sizes_only, progress=not args.quiet)
+            what = "sizes" if args.sizes_only else "sizes and checksums"
+            print(
+                f"{args.out}: OK ({len(index.layers)} layers x {index.num_experts} experts, {what})"
+            )
+            return 0
+        args = build_parser().parse_args(argv)
+        if args.workers is not None and args.workers < 1:
+            return _fail("--workers: must be >= 1")
+        from . import convert_checkpoint
+
+        index = convert_checkpoint(
+            args.src,
+            args.out,
+            alignment=args.alignment,
+            workers=args.workers,
+            verify=args.verify,
+            progress=not args.quiet,
+            revision=args.revision,
+        )
+        if not args.quiet:
+            print(
+                f"{args.out}: {len(index.layers)} MoE layers x {index.num_experts} experts written"
+            )
+        return 0
+    except (ValueError, LayoutError) as e:  # ConvertError and LayoutError are ValueErrors
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:
+        return _fail(f"{e.filename or '?'}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        return _fail("interrupted (rerun the same command to resume)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

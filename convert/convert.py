@@ -1,0 +1,375 @@
+"""Repack an MLX MoE checkpoint into a flashmoe layout (see layouts/FORMAT.md)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashmoe import __version__
+
+from ..layouts import (
+    DEFAULT_ALIGNMENT,
+    DENSE_FILE,
+    EXPERTS_DIR,
+    FileEntry,
+    Index,
+    LayerFile,
+    LayoutError,
+    read_index,
+    write_index,
+)
+from ..layouts.card import model_card
+from ..layouts.plan import all_split_plans, check_alignment
+from .errors import ConvertError
+from .fileio import finish, open_for_write, os_error, pwrite_full
+from .geometry import ExpertPlan, plan_experts
+from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
+from .source import Source, aux_files, cached_sha256, resolve_source
+from .state import ConversionState, has_index, is_empty_output
+from .writers import (
+    Cancelled,
+    compare_dense,
+    compare_layer,
+    copy_file,
+    dense_size,
+    write_dense,
+    write_layer,
+)
+
+README = "README.md"
+
+
+@dataclass
+class Task:
+    """One output file to write: ``run(progress, stop)`` returns the record to keep for it."""
+
+    name: str  # relative to OUT, "/"-separated
+    size: int  # final file size
+    work: int  # bytes of progress it reports
+    run: Callable
+
+
+def layer_file(layer: int) -> str:
+    return f"{EXPERTS_DIR}/layer-{layer:03d}.bin"
+
+
+def _fingerprint(src: Source, ckpt: Checkpoint, aux: list[str], alignment: int) -> dict:
+    files = [{"name": s.name, "size": s.size, "mtime_ns": s.mtime_ns} for s in ckpt.shards]
+    for name in aux:
+        st = os.stat(src.path / name)
+        files.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {
+        "created_by": f"flashmoe {__version__}",
+        "source": str(src.path.resolve()),
+        "files": files,
+        "alignment": alignment,
+    }
+
+
+def _tasks(
+    src_dir: Path, out: Path, plan: ExpertPlan, aux: list[str], alignment: int
+) -> list[Task]:
+    rec = plan.record_size(alignment)
+    tasks = [
+        Task(
+            DENSE_FILE,
+            dense_size(plan.dense),
+            sum(t.nbytes for t in plan.dense),
+            lambda progress, stop: {
+                "sha256": write_dense(src_dir, plan.dense, out / DENSE_FILE, progress, stop)
+            },
+        )
+    ]
+    for entry in plan.layers:
+        name = layer_file(entry.layer)
+        tasks.append(
+            Task(
+                name,
+                plan.num_experts * rec,
+                plan.num_experts * plan.expert_bytes,
+                lambda progress, stop, entry=entry, name=name: {
+                    "checksums": write_layer(
+                        src_dir,
+                        entry.tensors,
+                        plan.components,
+                        plan.num_experts,
+                        rec,
+                        out / name,
+                        progress,
+                        stop,
+                    )
+                },
+            )
+        )
+    for name in aux:
+        size = os.path.getsize(src_dir / name)
+        tasks.append(
+            Task(
+                name,
+                size,
+                size,
+                lambda progress, stop, name=name: {
+                    "sha256": copy_file(src_dir / name, out / name, progress)
+                },
+            )
+        )
+    return tasks
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+    )
+
+
+def _run_parallel(jobs: list[Callable], workers: int, bar) -> list:
+    """Run ``job(progress, stop)`` for every job on ``workers`` threads; first error stops the rest."""
+    stop = threading.Event()
+    progress = bar.update if bar is not None else (lambda n: None)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmoe-convert") as pool:
+        futures = [pool.submit(job, progress, stop) for job in jobs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done if not f.cancelled()):
+            stop.set()
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            errors = [
+                f.exception() for f in futures if not f.cancelled() and f.exception() is not None
+            ]
+            real = [e for e in errors if not isinstance(e, Cancelled)]
+            raise (real or errors)[0]
+        return [f.result() for f in futures]
+
+
+def _check_space(out: Path, tasks: list[Task], pending: list[Task]) -> None:
+    needed = sum(t.size for t in pending)
+    st = os.statvfs(out)
+    free = st.f_bavail * st.f_frsize
+    for t in pending:  # leftovers of an interrupted run are replaced, so their space counts as free
+        try:
+            free += os.stat(out / (t.name + ".partial")).st_blocks * 512
+        except OSError:
+            pass
+    if needed > free:
+        total = sum(t.size for t in tasks)
+        raise ConvertError(
+            out,
+            f"not enough free space: the layout needs {needed:,} more bytes ({total:,} in all), "
+            f"{free:,} are free",
+        )
+
+
+def _prepare_output(out: Path, fingerprint: dict, source_files: list[dict], alignment: int):
+    """``(state, None)`` to (re)start, or ``(None, index)`` if ``out`` already holds this layout."""
+    if is_empty_output(out):
+        return ConversionState.begin(out, fingerprint), None
+    state = ConversionState.resume(out, fingerprint)
+    if state is not None:
+        return state, None
+    if has_index(out):
+        try:
+            index = read_index(out)
+        except LayoutError:
+            index = None
+        if (
+            index is not None
+            and index.alignment == alignment
+            and [(f["name"], f["size"]) for f in index.source.get("files", [])]
+            == [(f["name"], f["size"]) for f in source_files]
+        ):
+            return None, index
+    raise ConvertError(
+        out,
+        "output directory is not empty and holds no conversion of this source with these options "
+        "(refusing to overwrite; choose an empty or new directory)",
+    )
+
+
+def _source_files(src: Source, ckpt: Checkpoint, aux: list[str]) -> list[dict]:
+    names = [s.name for s in ckpt.shards] + aux
+    if (src.path / INDEX_JSON).is_file():
+        names.append(INDEX_JSON)
+    files = []
+    for name in sorted(set(names)):
+        p = src.path / name
+        files.append({"name": name, "size": os.path.getsize(p), "sha256": cached_sha256(p)})
+    return files
+
+
+def _write_readme(out: Path, index: Index, src: Source) -> None:
+    readme = src.path / README
+    source_readme = readme.read_text(errors="replace") if readme.is_file() else None
+    data = model_card(index, source_readme=source_readme).encode()
+    partial = out / (README + ".partial")
+    fd = open_for_write(partial, len(data))
+    try:
+        pwrite_full(fd, memoryview(data), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    finish(fd, partial, out / README)
+
+
+def _verify_against_source(
+    src_dir: Path, out: Path, plan: ExpertPlan, aux: list[str], alignment: int, workers, progress
+):
+    rec = plan.record_size(alignment)
+    total = plan.num_experts * plan.expert_bytes * len(plan.layers) + sum(
+        t.nbytes for t in plan.dense
+    )
+    bar = _progress_bar(progress, total, 0, "verify")
+    jobs = [
+        lambda p, stop, entry=entry: compare_layer(
+            src_dir,
+            entry.tensors,
+            plan.components,
+            plan.num_experts,
+            rec,
+            out / layer_file(entry.layer),
+            entry.layer,
+            p,
+            stop,
+        )
+        for entry in plan.layers
+    ]
+    jobs.append(lambda p, stop: compare_dense(src_dir, plan.dense, out / DENSE_FILE, p))
+    try:
+        _run_parallel(jobs, workers, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    for name in aux:
+        if (src_dir / name).read_bytes() != (out / name).read_bytes():
+            raise ConvertError(out / name, "differs from the source")
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    alignment: int = DEFAULT_ALIGNMENT,
+    workers: int | None = None,
+    verify: bool = False,
+    progress: bool = True,
+    revision: str | None = None,
+    _check_free_space: bool = True,
+) -> Index:
+    """Convert the checkpoint ``src`` (directory or Hub repo id) into a layout at ``out``.
+
+    Rerunning the same call after an interruption resumes it; the result is byte-identical to an
+    uninterrupted run. Raises ConvertError (one line: file and problem) on bad input or I/O failure.
+    """
+    try:
+        check_alignment(alignment)
+    except ValueError as e:
+        raise ConvertError("--alignment", str(e)) from None
+    out = Path(out)
+    source = resolve_source(src, revision, progress)
+    ckpt = open_checkpoint(source.path)
+    plan = plan_experts(ckpt)
+    aux = aux_files(source.path)
+    source_files = _source_files(source, ckpt, aux)
+    fingerprint = _fingerprint(source, ckpt, aux, alignment)
+    workers = workers or min(4, (os.cpu_count() or 2) + 1)
+
+    try:
+        state, existing = _prepare_output(out, fingerprint, source_files, alignment)
+    except OSError as e:
+        raise os_error(e, out) from None
+    if existing is not None:
+        if progress:
+            print(f"{out}: already converted", file=sys.stderr)
+        return existing
+
+    tasks = _tasks(source.path, out, plan, aux, alignment)
+    records = {t.name: state.finished(t.name) for t in tasks}
+    pending = [t for t in tasks if records[t.name] is None]
+    # Biggest first: the dense file is one sequential stream and should not be left for last.
+    pending.sort(key=lambda t: -t.size)
+    needed = sum(t.size for t in tasks)
+    try:
+        (out / EXPERTS_DIR).mkdir(exist_ok=True)
+        if _check_free_space:
+            _check_space(out, tasks, pending)
+        bar = _progress_bar(
+            progress,
+            sum(t.work for t in tasks),
+            sum(t.work for t in tasks if records[t.name]),
+            "convert",
+        )
+
+        def job(task: Task) -> Callable:
+            def run(progress_cb, stop):
+                try:
+                    record = dict(task.run(progress_cb, stop), size=task.size)
+                except OSError as e:
+                    raise os_error(e, out / task.name, needed) from None
+                state.mark_finished(task.name, record)
+                return record
+
+            return run
+
+        try:
+            for task, record in zip(
+                pending, _run_parallel([job(t) for t in pending], workers, bar), strict=True
+            ):
+                records[task.name] = record
+        finally:
+            if bar is not None:
+                bar.close()
+        if verify:
+            _verify_against_source(source.path, out, plan, aux, alignment, workers, progress)
+
+        rec = plan.record_size(alignment)
+        index = Index(
+            model_type=plan.model_type,
+            config=ckpt.config,
+            num_experts=plan.num_experts,
+            top_k=plan.top_k,
+            alignment=alignment,
+            expert_bytes=plan.expert_bytes,
+            record_size=rec,
+            components=plan.components,
+            layers=[
+                LayerFile(
+                    entry.layer,
+                    layer_file(entry.layer),
+                    plan.num_experts * rec,
+                    entry.prefix,
+                    records[layer_file(entry.layer)]["checksums"],
+                )
+                for entry in plan.layers
+            ],
+            dense=FileEntry(DENSE_FILE, records[DENSE_FILE]["size"], records[DENSE_FILE]["sha256"]),
+            files=[FileEntry(name, records[name]["size"], records[name]["sha256"]) for name in aux],
+            source={
+                "repo_id": source.repo_id,
+                "revision": source.revision,
+                "path": None if source.from_hub else str(source.path.resolve()),
+                "files": source_files,
+            },
+            split_plans=all_split_plans(plan.expert_bytes, alignment),
+            created_by=f"flashmoe {__version__}",
+        )
+        _write_readme(out, index, source)
+        write_index(out, index)
+    except OSError as e:
+        raise os_error(e, out, needed) from None
+    state.remove()
+    return index

@@ -1,0 +1,99 @@
+"""Low-level file I/O for the converter: full preads/pwrites, durable renames, errors with names."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConvertError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def preadv_full(fd: int, buffers: Sequence[memoryview], offset: int, path: object) -> None:
+    """Fill ``buffers`` in order from ``fd`` at ``offset``; end of file is an error naming ``path``."""
+    views = list(buffers)
+    done = 0
+    while views:
+        try:
+            n = os.preadv(fd, views, offset + done)
+        except InterruptedError:
+            continue
+        if n == 0:
+            total = done + sum(v.nbytes for v in views)
+            raise ConvertError(
+                path,
+                f"truncated: end of file at byte {offset + done} while reading {total} bytes at "
+                f"offset {offset} (the file changed or is shorter than its header says)",
+            )
+        done += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        try:
+            n = os.pwrite(fd, data, offset)
+        except InterruptedError:
+            continue
+        data = data[n:]
+        offset += n
+
+
+def open_for_write(path: Path, size: int) -> int:
+    """Create (truncate) ``path`` and reserve ``size`` bytes, so a full disk fails up front."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        if size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno in NO_SPACE:
+                    raise
+                os.ftruncate(fd, size)  # filesystems without fallocate
+        else:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def finish(fd: int, partial: Path, final: Path) -> None:
+    """fsync, close and rename ``partial`` to ``final``; fsync the directory so the rename sticks."""
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            # Written pages are not needed again soon; let them go instead of crowding the cache.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def os_error(e: OSError, path: object, needed: int | None = None) -> ConvertError:
+    """A one-line ConvertError for an OSError that happened on ``path``."""
+    if e.errno in NO_SPACE:
+        extra = f" (the layout needs {needed:,} bytes in all)" if needed else ""
+        return ConvertError(path, f"no space left on device{extra}")
+    return ConvertError(getattr(e, "filename", None) or path, e.strerror or str(e))

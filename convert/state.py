@@ -1,0 +1,100 @@
+"""Resumable conversions: what was asked for, and which output files are finished.
+
+``OUT/.flashmoe-convert/`` holds ``source.json`` (a fingerprint of the source and the options)
+and one small JSON record per finished output file (its size and checksums). A file counts as
+finished only if it has a record *and* exists with the recorded size; anything else is redone.
+The directory is removed once the index is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..layouts import INDEX_FILE
+from .errors import ConvertError
+from .fileio import fsync_dir
+
+STATE_DIR = ".flashmoe-convert"
+_TMP_STATE = STATE_DIR + ".tmp"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _record_name(name: str) -> str:
+    return name.replace("/", "__") + ".json"
+
+
+class ConversionState:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.dir = out / STATE_DIR
+
+    @classmethod
+    def begin(cls, out: Path, fingerprint: dict) -> ConversionState:
+        """Start a new conversion in an empty ``out`` (created if missing)."""
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / _TMP_STATE
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "done").mkdir(parents=True)
+        _write_json(tmp / "source.json", fingerprint)
+        os.replace(tmp, out / STATE_DIR)
+        fsync_dir(out)
+        return cls(out)
+
+    @classmethod
+    def resume(cls, out: Path, fingerprint: dict) -> ConversionState | None:
+        """The state of an earlier run of the same conversion, or None if ``out`` holds none."""
+        path = out / STATE_DIR / "source.json"
+        if not path.is_file():
+            return None
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != fingerprint:
+            raise ConvertError(
+                out,
+                "holds an unfinished conversion of a different source or with different options; "
+                "rerun that conversion, or remove the directory or choose another one",
+            )
+        return cls(out)
+
+    def finished(self, name: str) -> dict | None:
+        """The record of output file ``name`` if it is finished and still has its size."""
+        try:
+            record = json.loads((self.dir / "done" / _record_name(name)).read_text())
+            if os.path.getsize(self.out / name) == record["size"]:
+                return record
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def mark_finished(self, name: str, record: dict) -> None:
+        _write_json(self.dir / "done" / _record_name(name), record)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        fsync_dir(self.out)
+
+
+def is_empty_output(out: Path) -> bool:
+    """True if ``out`` is missing or holds nothing but a state directory that never got started."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        raise ConvertError(out, "exists and is not a directory")
+    return all(p.name == _TMP_STATE for p in out.iterdir())
+
+
+def has_index(out: Path) -> bool:
+    return (out / INDEX_FILE).is_file()

@@ -1,0 +1,97 @@
+"""The README.md model card written next to a layout."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .index import INDEX_FILE, Index
+
+DEFAULT_LICENSE = "apache-2.0"
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
+_LICENSE = re.compile(r"^license:\s*(\S.*?)\s*$", re.M)
+
+
+def license_from_readme(readme: str | None) -> str | None:
+    """The ``license:`` of a model card's YAML front matter, if it has one."""
+    if not readme:
+        return None
+    m = _FRONT_MATTER.match(readme)
+    if m is None:
+        return None
+    lic = _LICENSE.search(m.group(1))
+    return lic.group(1).strip("'\"") if lic else None
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid YAML scalar
+
+
+def model_card(
+    index: Index, *, license: str | None = None, source_readme: str | None = None
+) -> str:
+    """README.md for a layout: Hub front matter, how to run it, and a summary of the layout.
+
+    ``license`` wins; else the source card's front matter; else apache-2.0.
+    """
+    src = index.source or {}
+    repo_id, revision = src.get("repo_id"), src.get("revision")
+    lic = license or license_from_readme(source_readme) or DEFAULT_LICENSE
+    front = ["---"]
+    if repo_id:
+        front.append(f"base_model: {_yaml_str(repo_id)}")
+        front.append("base_model_relation: quantized")
+    front += [
+        f"license: {_yaml_str(lic)}",
+        "library_name: mlx",
+        "tags:",
+        "- mlx",
+        "- moe",
+        "- flashmoe",
+        f"- {_yaml_str(index.model_type)}",
+        "pipeline_tag: text-generation",
+        "---",
+    ]
+    name = repo_id.split("/")[-1] if repo_id else index.model_type
+    total = (
+        sum(entry.size for entry in index.layers)
+        + index.dense.size
+        + sum(f.size for f in index.files)
+    )
+    expert_bytes = sum(e.size for e in index.layers)
+    comp = index.components[0]
+    origin = f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else "a local checkpoint"
+    rev = f" at revision `{revision}`" if revision else ""
+    body = f"""
+# {name} (flashmoe layout)
+
+This is {origin}{rev} repacked by [flashmoe](https://pypi.org/project/flashmoe/) so that its
+routed experts can be streamed from SSD: a Mixture-of-Experts model larger than RAM runs with only
+the dense weights and the experts in use in memory. Every weight is byte-identical to the source;
+nothing was dequantized or requantized.
+
+## Run
+
+```sh
+pip install flashmoe
+flashmoe-run <this-directory-or-repo>
+```
+
+## Layout
+
+| | |
+|---|---|
+| format | `{index.format}` version {index.version} (`{INDEX_FILE}`) |
+| model type | `{index.model_type}` |
+| MoE layers | {len(index.layers)} |
+| experts per layer / routed per token | {index.num_experts} / {index.top_k} |
+| quantization of the experts | {comp.mode}, {comp.bits}-bit, group size {comp.group_size} |
+| bytes per expert / record size / alignment | {index.expert_bytes:,} / {index.record_size:,} / {index.alignment:,} |
+| expert bytes / total bytes | {expert_bytes:,} / {total:,} |
+
+Each MoE layer is one file `experts/layer-NNN.bin`; expert `e` is the record at byte
+`e * record_size`. The non-expert weights are in `model-dense.safetensors` (original names).
+`{INDEX_FILE}` describes everything and holds a sha256 checksum of every expert record and of every
+other file; `flashmoe-convert verify <dir>` checks them.
+"""
+    return "\n".join(front) + "\n" + body

@@ -1,0 +1,112 @@
+"""Check an existing layout against its index: sizes, and the checksum of every record and file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .index import Index, LayerFile, LayoutError, read_index, safe_relative_path
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def _read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < buf.nbytes:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise LayoutError(f"{path}: shorter than the index says")
+        done += n
+
+
+def _check_size(path: Path, size: int, what: str) -> None:
+    try:
+        actual = os.path.getsize(path)
+    except FileNotFoundError:
+        raise LayoutError(f"{path}: missing ({what})") from None
+    if actual != size:
+        raise LayoutError(f"{path}: {actual} bytes, the index says {size} ({what})")
+
+
+def _check_layer(root: Path, index: Index, entry: LayerFile, checksums: bool, tick) -> None:
+    path = safe_relative_path(root, entry.file, "layer file")
+    _check_size(path, entry.size, f"layer {entry.layer}")
+    if not checksums:
+        return
+    rec, used = index.record_size, index.expert_bytes
+    batch = max(1, _CHUNK // rec)
+    buf = memoryview(bytearray(batch * rec))
+    zeros = bytes(rec - used)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for first in range(0, index.num_experts, batch):
+            count = min(batch, index.num_experts - first)
+            _read_exact(fd, buf[: count * rec], first * rec, path)
+            for i in range(count):
+                e = first + i
+                record = buf[i * rec : (i + 1) * rec]
+                digest = hashlib.sha256(record[:used]).hexdigest()
+                if digest != entry.checksums[e]:
+                    raise LayoutError(
+                        f"{path}: layer {entry.layer} expert {e}: sha256 mismatch "
+                        f"(index {entry.checksums[e][:12]}..., file {digest[:12]}...)"
+                    )
+                if zeros and bytes(record[used:]) != zeros:
+                    raise LayoutError(
+                        f"{path}: layer {entry.layer} expert {e}: padding is not zero"
+                    )
+            tick(count * rec)
+    finally:
+        os.close(fd)
+
+
+def _check_file(
+    root: Path, name: str, size: int, sha256: str | None, checksums: bool, tick
+) -> None:
+    path = safe_relative_path(root, name)
+    _check_size(path, size, "file")
+    if not checksums or sha256 is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            tick(len(chunk))
+    if digest.hexdigest() != sha256:
+        raise LayoutError(
+            f"{path}: sha256 mismatch (index {sha256[:12]}..., file {digest.hexdigest()[:12]}...)"
+        )
+
+
+def verify_layout(
+    root: str | os.PathLike, *, checksums: bool = True, progress: bool = False, workers: int = 2
+) -> Index:
+    """Check the layout at ``root``; return its index, or raise LayoutError naming the bad file.
+
+    Sizes always; with ``checksums``, the sha256 of every expert record (and that its padding is
+    zero), of the dense file and of every copied file.
+    """
+    root = Path(root)
+    index = read_index(root)
+    total = sum(e.size for e in index.layers) + index.dense.size + sum(f.size for f in index.files)
+    bar = None
+    if progress and checksums:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify")
+    tick = bar.update if bar is not None else (lambda n: None)
+    try:
+        jobs = [(_check_file, (root, index.dense.name, index.dense.size, index.dense.sha256))]
+        jobs += [(_check_file, (root, f.name, f.size, f.sha256)) for f in index.files]
+        layer_jobs = [(_check_layer, (root, index, entry)) for entry in index.layers]
+        # Layers first and in order, so that the first error reported is the lowest bad layer.
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = [pool.submit(fn, *args, checksums, tick) for fn, args in layer_jobs + jobs]
+            for fut in futures:
+                fut.result()
+    finally:
+        if bar is not None:
+            bar.close()
+    return index
