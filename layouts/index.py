@@ -109,8 +109,23 @@ def safe_relative_path(root: Path, name: str, what: str = "file") -> Path:
     real_root = os.path.realpath(root)
     real = os.path.realpath(full)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise LayoutError(f"{root / INDEX_FILE}: {what} {name!r} resolves outside the layout")
+        blobs = _hf_cache_blobs(real_root)
+        if blobs is None or os.path.commonpath([blobs, real]) != blobs:
+            raise LayoutError(f"{root / INDEX_FILE}: {what} {name!r} resolves outside the layout")
     return full
+
+
+def _hf_cache_blobs(real_root: str) -> str | None:
+    """The ``blobs`` folder of the Hugging Face cache repo when ``real_root`` is one of its snapshots.
+
+    A snapshot (``models--ORG--NAME/snapshots/COMMIT``) holds symlinks to ``../../blobs/ETAG``,
+    which are the only targets outside the layout directory allowed.
+    """
+    parent = os.path.dirname(real_root)
+    if os.path.basename(parent) != "snapshots":
+        return None
+    blobs = os.path.join(os.path.dirname(parent), "blobs")
+    return blobs if os.path.isdir(blobs) else None
 
 
 def validate(index: Index, where: str) -> None:
