@@ -28,11 +28,16 @@ def _yaml_str(s: str) -> str:
 
 
 def model_card(
-    index: Index, *, license: str | None = None, source_readme: str | None = None
+    index: Index,
+    *,
+    license: str | None = None,
+    source_readme: str | None = None,
+    hub_repo: str | None = None,
 ) -> str:
     """README.md for a layout: Hub front matter, how to run it, and a summary of the layout.
 
-    ``license`` wins; else the source card's front matter; else apache-2.0.
+    ``license`` wins; else the source card's front matter; else apache-2.0. ``hub_repo`` is the
+    repo the layout is published to (``flashmoe-publish``): the run instructions name it.
     """
     src = index.source or {}
     repo_id, revision = src.get("repo_id"), src.get("revision")
@@ -62,6 +67,17 @@ def model_card(
     comp = index.components[0]
     origin = f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else "a local checkpoint"
     rev = f" at revision `{revision}`" if revision else ""
+    target = hub_repo or "<this-directory-or-repo>"
+    run = f"""```sh
+pip install flashmoe
+flashmoe-run {target} --prompt "Hello" --max-tokens 64
+```
+"""
+    if hub_repo:
+        run += f"""
+`flashmoe-run` downloads the layout into the Hugging Face cache and verifies every checksum before
+its first use. To download only: `flashmoe-pull {hub_repo} [--local-dir DIR]`.
+"""
     body = f"""
 # {name} (flashmoe layout)
 
@@ -72,11 +88,7 @@ nothing was dequantized or requantized.
 
 ## Run
 
-```sh
-pip install flashmoe
-flashmoe-run <this-directory-or-repo>
-```
-
+{run}
 ## Layout
 
 | | |

@@ -1,0 +1,103 @@
+"""Helpers shared by ``flashmoe-publish`` and ``flashmoe-pull``: repo ids and one-line Hub errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .index import LayoutError
+
+_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
+_REPO_ID = re.compile(rf"{_PART}/{_PART}")
+
+
+class HubError(LayoutError):
+    """A Hub operation that failed; the message is one line."""
+
+
+def is_repo_id(s: str) -> bool:
+    """Whether ``s`` is a Hub model repo id of the form ``ORG/NAME``."""
+    return (
+        isinstance(s, str)
+        and _REPO_ID.fullmatch(s) is not None
+        and "--" not in s
+        and ".." not in s
+        and not s.endswith((".git", "."))
+    )
+
+
+def check_repo_id(s: str) -> str:
+    """Return ``s`` if it is a repo id, else raise HubError explaining the expected form."""
+    if not is_repo_id(s):
+        raise HubError(
+            f"invalid repo id {s!r}: expected ORG/NAME (letters, digits, '-', '_' and '.', "
+            "at most 96 characters each, no '--' or '..')"
+        )
+    return s
+
+
+def hub_error_message(e: BaseException, repo_id: str | None = None) -> str:
+    """A one-line description of an exception raised by ``huggingface_hub`` or its HTTP client."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = repo_id or "the Hub"
+    if isinstance(e, LocalTokenNotFoundError):
+        return "no Hugging Face token: set HF_TOKEN or run `hf auth login`"
+    if isinstance(e, RevisionNotFoundError):
+        return f"{where}: revision not found"
+    if isinstance(e, GatedRepoError):
+        return f"{where}: gated repository (accept its terms on the Hub and set HF_TOKEN)"
+    if isinstance(e, RepositoryNotFoundError):
+        return f"{where}: repository not found on {constants.ENDPOINT} (or private: set HF_TOKEN)"
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        server = (e.server_message or "").strip().splitlines()
+        detail = server[0] if server else _first_line(e)
+        if status == 401:
+            return f"{where}: the Hugging Face token was refused ({detail})"
+        return f"{where}: HTTP {status}: {detail}" if status else f"{where}: {detail}"
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, RuntimeError) and cause is not None:
+        return f"{_first_line(e)} ({hub_error_message(cause, repo_id)})"
+    name = type(e).__name__
+    if name in (
+        "ConnectError",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "RemoteProtocolError",
+        "ReadError",
+    ):
+        return f"{where}: connection to {constants.ENDPOINT} failed ({name}: {_first_line(e)})"
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence huggingface_hub's progress bars for the duration, when not ``enabled``."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()

@@ -1,0 +1,188 @@
+"""``flashmoe-pull ORG/NAME``: download a published layout from the Hub and verify it before use.
+
+Only the layout's own files are fetched (never code: nothing from a repo is executed). The download
+is resumable and honours ``HF_HUB_OFFLINE``. After the first full verification (sizes and every
+checksum of the index) a marker keyed by the snapshot's commit, the index digest and every file's
+size and mtime is cached, so later runs do not re-hash hundreds of GB; any change re-verifies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..layouts import DENSE_FILE, EXPERTS_DIR, INDEX_FILE, LayoutError, read_index
+from ..layouts.hub import HubError, check_repo_id, hub_error_message, is_repo_id, progress_bars
+
+PROG = "flashmoe-pull"
+#: What a layout repo may contain (FORMAT.md): index, dense file, layer files, copied files, card.
+ALLOW_PATTERNS = [
+    INDEX_FILE,
+    DENSE_FILE,
+    f"{EXPERTS_DIR}/*",
+    "*.json",
+    "*.jinja",
+    "tokenizer.model",
+    "merges.txt",
+    "*.tiktoken",
+    "README.md",
+]
+#: Never downloaded, whatever the patterns above match: no remote code.
+IGNORE_PATTERNS = ["*.py", "*.pyc", "*.pyo", "*.so", "*.dylib", "*.dll", "*.sh", "*.exe"]
+MARKER_VERSION = 1
+
+__all__ = ["ALLOW_PATTERNS", "HubError", "is_repo_id", "main", "pull"]
+
+
+def pull(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Download the layout ``repo_id`` (at ``revision``) and return its local directory.
+
+    Into the Hugging Face cache by default, or into ``local_dir``. With ``verify`` the layout is
+    checked against its index (sizes and checksums) unless a previous run already verified this
+    exact snapshot. Raises HubError / LayoutError with a one-line message.
+    """
+    from huggingface_hub import snapshot_download
+
+    check_repo_id(repo_id)
+    try:
+        with progress_bars(progress):
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=local_dir,
+                token=token,
+                allow_patterns=ALLOW_PATTERNS,
+                ignore_patterns=IGNORE_PATTERNS,
+            )
+    except Exception as e:  # huggingface_hub and httpx raise many types: report one line
+        raise HubError(_pull_error(e, repo_id, revision)) from None
+    root = Path(path)
+    if not (root / INDEX_FILE).is_file():
+        raise HubError(f"{repo_id}: not a flashmoe layout (the repo has no {INDEX_FILE})")
+    if verify:
+        verify_once(root, progress=progress)
+    else:
+        read_index(root)
+    return root
+
+
+def _pull_error(e: Exception, repo_id: str, revision: str | None) -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
+
+    if isinstance(e, RevisionNotFoundError):
+        return f"{repo_id}: revision {revision or 'main'!r} not found"
+    if isinstance(e, LocalEntryNotFoundError) or type(e).__name__ == "IncompleteSnapshotError":
+        return (
+            f"{repo_id}: not (completely) in the local cache and the Hub cannot be used "
+            f"(HF_HUB_OFFLINE=1 or no connection)"
+        )
+    return hub_error_message(e, repo_id)
+
+
+# ----------------------------------------------------------------------------- verification marker
+def _marker_path(root: Path) -> Path:
+    real = Path(os.path.realpath(root))
+    if real.parent.name == "snapshots":  # HF cache: models--ORG--NAME/snapshots/COMMIT
+        return real.parent.parent / ".flashmoe" / f"verified-{real.name}.json"
+    return real / ".cache" / "flashmoe" / "verified.json"
+
+
+def _fingerprint(root: Path) -> dict:
+    """Commit, index digest and (size, mtime) of every file the index names."""
+    index = read_index(root)  # also confines every name to the layout (safe_relative_path)
+    names = [e.file for e in index.layers] + [index.dense.name] + [f.name for f in index.files]
+    files = {}
+    for name in names:
+        try:
+            st = os.stat(root / name)
+        except FileNotFoundError:
+            return {}
+        files[name] = [st.st_size, st.st_mtime_ns]
+    real = Path(os.path.realpath(root))
+    return {
+        "version": MARKER_VERSION,
+        "commit": real.name if real.parent.name == "snapshots" else None,
+        "index_sha256": hashlib.sha256((root / INDEX_FILE).read_bytes()).hexdigest(),
+        "files": files,
+    }
+
+
+def is_verified(root: str | os.PathLike) -> bool:
+    """Whether this exact snapshot already passed a full verification."""
+    root = Path(root)
+    try:
+        marker = json.loads(_marker_path(root).read_text())
+    except (OSError, ValueError):
+        return False
+    current = _fingerprint(root)
+    return bool(current) and marker == current
+
+
+def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:
+    """Verify the layout at ``root`` (sizes and checksums) unless already verified as it is now."""
+    from ..layouts.verify import verify_layout
+
+    root = Path(root)
+    if is_verified(root):
+        return
+    verify_layout(root, checksums=True, progress=progress)
+    marker = _marker_path(root)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_fingerprint(root)))
+        os.replace(tmp, marker)
+    except OSError:
+        pass  # read-only cache: verify again next time
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Download a flashmoe layout from the Hugging Face Hub and verify it "
+        "(sizes and checksums) before first use. Prints the local directory.",
+    )
+    p.add_argument("repo_id", metavar="ORG/NAME", help="Hub model repo of a published layout")
+    p.add_argument("--local-dir", default=None, metavar="D", help="download here, not to the cache")
+    p.add_argument("--revision", default=None, metavar="R", help="branch, tag or commit")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        root = pull(
+            args.repo_id,
+            revision=args.revision,
+            local_dir=args.local_dir,
+            verify=not args.no_verify,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (LayoutError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+    print(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
