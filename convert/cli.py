@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hub revision (branch, tag or commit) to convert",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .hub import add_publish_options
+
+    add_publish_options(p, with_repo=True)  # --upload-repo ORG/NAME [--private] ...
     return p
 
 
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.workers is not None and args.workers < 1:
             return _fail("--workers: must be >= 1")
+        if args.upload_repo:
+            from ..layouts.hub import check_repo_id
+
+            check_repo_id(args.upload_repo)  # fail before converting, not after
         from . import convert_checkpoint
 
         index = convert_checkpoint(
@@ -100,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(
                 f"{args.out}: {len(index.layers)} MoE layers x {index.num_experts} experts written"
+            )
+        if args.upload_repo:
+            from .hub import publish
+
+            publish(
+                args.out,
+                args.upload_repo,
+                private=args.private,
+                revision=args.upload_revision,
+                commit_message=args.commit_message,
+                progress=not args.quiet,
             )
         return 0
     except (ValueError, LayoutError) as e:  # ConvertError and LayoutError are ValueErrors
