@@ -244,10 +244,11 @@ def test_cli_reads_prompt_from_stdin(layout):
 
 def _one_line_error(r, *needles):
     assert r.returncode != 0
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("flashmoe-run: error:"), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("flashmoe-run: error:")]
+    assert len(errors) == 1, r.stderr
     for n in needles:
-        assert n in err[0], err[0]
+        assert n in errors[0], errors[0]
 
 
 def test_cli_bad_inputs(layout, tmp_path):
