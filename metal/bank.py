@@ -67,7 +67,14 @@ class ExpertBank:
     read and into which slot; ``commit``/``abort`` mark those reads done or failed.
     """
 
-    def __init__(self, slots: int, components: list[tuple[str, str, list[int]]], policy=None):
+    def __init__(
+        self,
+        slots: int,
+        components: list[tuple[str, str, list[int]]],
+        *,
+        num_experts: int,
+        policy=None,
+    ):
         if slots < 1:
             raise ValueError("a bank needs at least one slot")
         self.slots = slots
@@ -83,7 +90,7 @@ class ExpertBank:
         self.policy = policy or LRUPolicy()
         self.slot_of: dict[int, int] = {}  # resident expert -> slot
         self.free = list(range(slots - 1, -1, -1))  # stack; slot 0 used first
-        self.slot_map = np.full(0, -1, dtype=np.int32)  # filled lazily by ``slot_ids``
+        self.table = np.full(num_experts, -1, dtype=np.int64)  # expert -> slot, -1 if absent
         self._pending: list[mx.array] = []
 
     @property
@@ -114,11 +121,13 @@ class ExpertBank:
         if shortfall > 0:
             for victim in self.policy.victims(shortfall, needed):
                 self.free.append(self.slot_of.pop(victim))
+                self.table[victim] = -1
                 self.policy.remove(victim)
         misses = []
         for e in missing:
             slot = self.free.pop()
             self.slot_of[e] = slot
+            self.table[e] = slot
             misses.append((e, slot))
         self.policy.touch(experts)
         return hits, misses
@@ -128,16 +137,13 @@ class ExpertBank:
         for e, slot in misses:
             if self.slot_of.get(e) == slot:
                 del self.slot_of[e]
+                self.table[e] = -1
                 self.policy.remove(e)
                 self.free.append(slot)
 
     def slot_ids(self, experts: np.ndarray) -> mx.array:
         """Map an array of resident expert ids to slot ids (same shape, uint32)."""
-        table = np.full(int(experts.max()) + 1, -1, dtype=np.int64)
-        for e, s in self.slot_of.items():
-            if e < table.size:
-                table[e] = s
-        slots = table[experts]
+        slots = self.table[experts]
         if (slots < 0).any():
             raise KeyError("slot_ids() asked for an expert that is not resident")
         return mx.array(slots.astype(np.uint32))

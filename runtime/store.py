@@ -16,7 +16,7 @@ import numpy as np
 
 from ..layouts import Index, safe_relative_path
 from ..metal.bank import ExpertBank
-from .reader import ReadRequest, open_for_reading
+from .reader import ReadRequest, open_for_reading, split_buffers
 
 
 @dataclass
@@ -39,21 +39,6 @@ class StoreStats:
         self.hits = self.misses = self.bytes_read = self.calls = 0
         self.io_seconds = 0.0
         self.per_layer_misses.clear()
-
-
-def chunk_buffers(buffers: tuple[memoryview, ...], start: int, end: int) -> tuple[memoryview, ...]:
-    """The parts of a record's scatter buffers that cover record bytes ``[start, end)``."""
-    out = []
-    pos = 0
-    for b in buffers:
-        n = b.nbytes
-        lo, hi = max(start, pos), min(end, pos + n)
-        if lo < hi:
-            out.append(b[lo - pos : hi - pos])
-        pos += n
-        if pos >= end:
-            break
-    return tuple(out)
 
 
 class ExpertStore:
@@ -99,7 +84,9 @@ class ExpertStore:
         """The bank of ``layer``, allocated on first use."""
         bank = self.banks.get(layer)
         if bank is None:
-            bank = self.banks[layer] = ExpertBank(self.slots, self.components)
+            bank = self.banks[layer] = ExpertBank(
+                self.slots, self.components, num_experts=self.index.num_experts
+            )
             self._fds[layer] = open_for_reading(self._paths[layer])
         return bank
 
@@ -107,9 +94,7 @@ class ExpertStore:
         key = (layer, slot)
         chunks = self._chunk_cache.get(key)
         if chunks is None:
-            buffers = bank.slot_buffers(slot)
-            chunks = [(a, chunk_buffers(buffers, a, b)) for a, b in self.plan]
-            self._chunk_cache[key] = chunks
+            chunks = self._chunk_cache[key] = split_buffers(bank.slot_buffers(slot), self.plan)
         return chunks
 
     def ensure(self, layer: int, experts: list[int]) -> ExpertBank:
