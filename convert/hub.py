@@ -152,6 +152,8 @@ def _check_token(api, token: str | None) -> str:
                 "the Hugging Face token is invalid or expired (HF_TOKEN or `hf auth login`)"
             ) from None
         raise HubError(hub_error_message(e)) from None
+    except Exception as e:  # connection errors and the like
+        raise HubError(hub_error_message(e)) from None
     role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise HubError("the Hugging Face token is read-only: publishing needs a write token")
@@ -179,21 +181,23 @@ def publish(
 
     check_repo_id(repo_id)
     root = Path(layout_dir)
+    api = None
+    if not dry_run:  # a missing or read-only token fails before hashing hundreds of GB
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        _check_token(api, token)
     index = verify_layout(root, checksums=True, progress=progress)
     write_card(root, index, repo_id)
     plan = plan_upload(root, index, repo_id, revision=revision or "main", private=private)
     print(plan.describe(), file=out)
-    if dry_run:
+    if api is None:
         print(f"dry run: nothing uploaded; model card written to {root / README}", file=out)
         return plan
 
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
     message = commit_message or f"Upload flashmoe layout ({index.model_type})"
     try:
         with progress_bars(progress):
-            _check_token(api, token)
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if plan.revision != "main":
                 api.create_branch(repo_id, branch=plan.revision, exist_ok=True)
@@ -235,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the upload plan and write the model card, without network access",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.upload_revision,
             commit_message=args.commit_message,
             dry_run=args.dry_run,
+            progress=not args.quiet,
         )
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)

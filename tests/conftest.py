@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -41,3 +42,67 @@ def layout(tmp_path_factory, checkpoint):
         return cache[key]
 
     return make
+
+
+# --- Hugging Face Hub emulator (tests/hub_emulator.py) ---
+
+HUB_TOKEN = "hf_emulator_write_token"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running local Hub; the real huggingface_hub client in this process and in subprocesses
+    (``hub.env``) talks to it, with HF_HOME/HF_HUB_CACHE in tmp dirs, Xet off and a write token.
+
+    Tree listings are paginated every 5 entries and LFS files above 300 kB use the multipart
+    transfer, so that both client paths are exercised.
+    """
+    import sys
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_emulator import HubEmulator
+
+    emulator = HubEmulator(
+        tmp_path / "hub-server",
+        tree_page_size=5,
+        multipart_threshold=300_000,
+        multipart_chunk=200_000,
+    ).start()
+    home = tmp_path / "hf-home"
+    env = {
+        "HF_ENDPOINT": emulator.url,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": HUB_TOKEN,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    # huggingface_hub reads its environment at import time: patch the already-imported constants.
+    patches = {
+        "ENDPOINT": emulator.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": emulator.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_URL_HOSTS": frozenset(constants.HF_URL_HOSTS | {"127.0.0.1"}),
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_OFFLINE": False,
+    }
+    for k, v in patches.items():
+        monkeypatch.setattr(constants, k, v, raising=False)
+    emulator.env = {**os.environ, **env}
+    emulator.env.pop("HF_HUB_OFFLINE", None)
+    emulator.token = HUB_TOKEN
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
