@@ -48,7 +48,9 @@ def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
     p = Path(path_or_repo).expanduser()
     if p.exists():
         return p
-    if "/" in path_or_repo and not path_or_repo.startswith((".", "/", "~")):
+    from ..layouts.hub import is_repo_id
+
+    if is_repo_id(path_or_repo):
         from .hub import pull
 
         return pull(path_or_repo, **pull_options)
