@@ -1,0 +1,46 @@
+"""Expert-streaming options shared by ``flashmoe-serve`` and ``flashmoe-chat`` (as ``flashmoe-run``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """Add MODEL and the runtime's loading options (same names and defaults as flashmoe-run)."""
+    p.add_argument("model", help="layout directory or Hub repo id (ORG/NAME)")
+    s = p.add_argument_group("expert streaming")
+    s.add_argument("--k", type=int, default=None, help="routed experts per token (default: config)")
+    s.add_argument("--cache-io-split", type=int, default=1, help="chunks per expert read, 1..8")
+    s.add_argument("--io-threads", type=int, default=8)
+    s.add_argument("--reader", choices=("auto", "native", "python"), default="auto")
+    s.add_argument("--bank-experts", type=int, default=None, help="expert slots per MoE layer")
+    s.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="size the bank so dense weights + bank + KV cache fit in GB",
+    )
+    s.add_argument(
+        "--verify", action="store_true", help="check every expert read against its checksum"
+    )
+    s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``flashmoe.runtime.load`` from parsed options."""
+    return dict(
+        bank_experts=args.bank_experts,
+        memory_budget_gb=args.memory_budget,
+        cache_io_split=args.cache_io_split,
+        io_threads=args.io_threads,
+        reader=args.reader,
+        k=args.k,
+        verify=args.verify,
+        revision=args.revision,
+    )
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type name)."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
