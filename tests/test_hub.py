@@ -115,6 +115,11 @@ def test_cli_publish_then_pull(hub, tiny_layout, tmp_path):
     assert is_verified(out)
     commit = hub.repos[REPO].branches["main"]
     assert hub.commits[commit].title.startswith("first")
+    # flashmoe-run ORG/NAME pulls into the cache and generates what the local layout generates.
+    gen = ("--prompt", "Hello", "--max-tokens", "6", "--temp", "0")
+    remote = run("flashmoe.runtime.cli", REPO, *gen, env=hub.env)
+    assert remote.returncode == 0 and remote.stdout.strip(), remote.stderr
+    assert remote.stdout == run("flashmoe.runtime.cli", tiny_layout, *gen, env=hub.env).stdout
 
 
 def test_dry_run_prints_plan_without_network(tiny_layout, tmp_path):
