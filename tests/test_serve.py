@@ -301,3 +301,37 @@ def test_cli_warns_when_not_on_loopback(layout):
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("flashmoe-serve: warning: binding to 0.0.0.0")
     assert lines[-1].startswith("flashmoe-serve: error:")
+
+
+# ---- the batched path in-process (what the server runs), deterministic batching -----------
+
+
+def _batch_tokens(model, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+    uids = gen.insert(prompts, max_tokens=max_tokens)
+    out: dict[int, list[int]] = {u: [] for u in uids}
+    try:
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid].append(r.token)
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
+
+
+def test_batch_generator_rows_match_stock_and_alone(layout):
+    import mlx_lm
+    from flashmoe.runtime import load
+
+    src, out = layout("qwen3_5_moe")
+    model, tok = load(str(out), bank_experts=5)  # 4 rows x top-4 never fit: token groups
+    ref_model, _ = mlx_lm.load(str(src))
+    prompts = [tok.encode(p) for p, _ in CONCURRENT]
+    lengths = [n for _, n in CONCURRENT]
+    batched = _batch_tokens(model, prompts, lengths)
+    assert batched == _batch_tokens(ref_model, prompts, lengths)
+    assert [len(t) for t in batched] == lengths
+    for p, n, tokens in zip(prompts, lengths, batched, strict=True):
+        assert _batch_tokens(model, [p], [n]) == [tokens]

@@ -1,0 +1,320 @@
+"""``flashmoe-chat``: an interactive multi-turn chat in the terminal on a streamed model.
+
+Built on mlx-lm's ``stream_generate``, ``make_prompt_cache`` and ``make_sampler`` (``mlx_lm.chat``
+itself loads with ``mlx_lm.load`` and keeps no message history, so its loop is not reusable). The
+conversation is kept as messages and rendered with the chat template each turn; the KV cache is
+reused when the new rendering extends the tokens already in it, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .options import add_runtime_options, error_line, load_options
+
+PROG = "flashmoe-chat"
+HELP = "commands: /reset (new conversation)  /stats  /help  /quit;  Ctrl-C stops an answer"
+GREY, RESET = "\033[90m", "\033[0m"
+
+
+class ThinkingPrinter:
+    """Writes streamed text, the parts between ``start`` and ``end`` markers in ``style``.
+
+    Text that could be the beginning of a marker split across chunks is held back until the
+    next chunk (or ``close``) decides.
+    """
+
+    def __init__(self, out, start: str | None, end: str | None, style: str, thinking=False):
+        self.out = out
+        self.markers = {m: m == start for m in (start, end) if m}
+        self.style = style
+        self.thinking = thinking
+        self._held = ""
+        if thinking:
+            self._emit(self.style)
+
+    def _emit(self, s: str) -> None:
+        if s:
+            self.out.write(s)
+
+    def write(self, text: str) -> None:
+        text = self._held + text
+        self._held = ""
+        while text:
+            hits = [(text.find(m), m) for m in self.markers if m in text]
+            if hits:
+                pos, marker = min(hits)
+                self._emit(text[:pos])
+                self._switch(self.markers[marker], marker)
+                text = text[pos + len(marker) :]
+                continue
+            keep = max(
+                (n for m in self.markers for n in range(1, len(m)) if text.endswith(m[:n])),
+                default=0,
+            )
+            self._emit(text[: len(text) - keep])
+            self._held = text[len(text) - keep :]
+            break
+        self.out.flush()
+
+    def _switch(self, thinking: bool, marker: str) -> None:
+        if thinking and not self.thinking:
+            self._emit(self.style + marker)
+        elif not thinking and self.thinking:
+            self._emit(marker + RESET)
+        else:
+            self._emit(marker)
+        self.thinking = thinking
+
+    def close(self) -> None:
+        self._emit(self._held)
+        self._held = ""
+        if self.thinking and self.style:
+            self._emit(RESET)
+        self.out.flush()
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    tokens: int = 0  # decoded after the first token, which ends the prompt's processing
+    seconds: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+
+    def add(self, other: TurnStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def line(self, label: str) -> str:
+        looked = self.hits + self.misses
+        rate = f"{self.hits / looked * 100:.1f}%" if looked else "n/a"
+        tps = self.tokens / self.seconds if self.seconds else 0.0
+        ptps = self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+        per_token = self.bytes_read / self.tokens / 1e6 if self.tokens else 0.0
+        return (
+            f"{label}: {self.tokens} tokens at {tps:.2f} tok/s, prompt {self.prompt_tokens} "
+            f"tokens at {ptps:.1f} tok/s; decode: bank hit rate {rate}, "
+            f"{per_token:.2f} MB read per token"
+        )
+
+
+class ChatSession:
+    """Messages, the KV cache over their tokens, and per-turn statistics."""
+
+    def __init__(self, model, tokenizer, args: argparse.Namespace):
+        from mlx_lm.sample_utils import make_sampler
+
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.sampler = make_sampler(args.temp, args.top_p, min_p=args.min_p)
+        self.last: TurnStats | None = None
+        self.total = TurnStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        if self.args.system_prompt:
+            self.messages.append({"role": "system", "content": self.args.system_prompt})
+        self.cache = None
+        self.cached: list[int] = []
+
+    def _render(self) -> list[int]:
+        tok = self.tokenizer
+        if tok.chat_template is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in self.messages)
+            return tok.encode(text + "assistant: ")
+        return tok.apply_chat_template(
+            self.messages, add_generation_prompt=True, **self.args.chat_template_args
+        )
+
+    def _starts_thinking(self, prompt: list[int]) -> bool:
+        tok = self.tokenizer
+        if not getattr(tok, "has_thinking", False):
+            return False
+        return tok.rfind_think_start(prompt) > tok.rfind_think_end(prompt)
+
+    def reply(self, text: str, out, style: str) -> TurnStats:
+        """Stream the answer to ``text``; KeyboardInterrupt stops it (the session stays usable)."""
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.messages.append({"role": "user", "content": text})
+        full = self._render()
+        n = len(self.cached)
+        if self.cache is not None and 0 < n < len(full) and full[:n] == self.cached:
+            rest = full[n:]
+        else:
+            self.cache, rest = make_prompt_cache(self.model), full
+        store = self.model.flashmoe.store.stats
+        before = (store.hits, store.misses, store.bytes_read)
+        printer = ThinkingPrinter(
+            out,
+            getattr(self.tokenizer, "think_start", None),
+            getattr(self.tokenizer, "think_end", None),
+            style,
+            thinking=self._starts_thinking(full),
+        )
+        stats, answer, generated = TurnStats(prompt_tokens=len(rest)), [], []
+        start = decode_start = time.perf_counter()
+        interrupted = False
+        try:
+            for r in stream_generate(
+                self.model,
+                self.tokenizer,
+                rest,
+                max_tokens=self.args.max_tokens,
+                sampler=self.sampler,
+                prompt_cache=self.cache,
+            ):
+                generated.append(r.token)
+                answer.append(r.text)
+                printer.write(r.text)
+                if len(generated) == 1:  # the prompt is done: decode statistics from here
+                    stats.prompt_seconds = time.perf_counter() - start
+                    decode_start = time.perf_counter()
+                    before = (store.hits, store.misses, store.bytes_read)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            printer.close()
+        if interrupted:
+            out.write(f"\n{style}[interrupted]{RESET if style else ''}")
+            self.cache, self.cached = None, []  # a cache stopped mid-step is not trusted
+        else:
+            self.cached = (full + generated)[: self._cache_length(len(full) + len(generated))]
+        out.write("\n")
+        out.flush()
+        # The first token's time is the prompt's (prefill); the rest is decode.
+        stats.tokens = max(len(generated) - 1, 0)
+        stats.seconds = time.perf_counter() - decode_start if generated else 0.0
+        self.messages.append({"role": "assistant", "content": "".join(answer)})
+        stats.hits = store.hits - before[0]
+        stats.misses = store.misses - before[1]
+        stats.bytes_read = store.bytes_read - before[2]
+        self._account(stats)
+        return stats
+
+    def _cache_length(self, default: int) -> int:
+        """Tokens held by the KV cache (stream_generate feeds every token it yields)."""
+        for c in self.cache or []:
+            offset = getattr(c, "offset", None)
+            if isinstance(offset, int):
+                return offset
+        return default
+
+    def _account(self, s: TurnStats) -> None:
+        self.last = s
+        self.total.add(s)
+
+    def stats_lines(self) -> list[str]:
+        if self.last is None:
+            return ["no answer yet"]
+        rt = self.model.flashmoe
+        return [
+            self.last.line("last answer"),
+            self.total.line("session"),
+            f"bank: {rt.slots} of {rt.index.num_experts} experts per layer, "
+            f"{len(rt.index.layers)} MoE layers",
+        ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Chat in the terminal with a flashmoe layout, streaming the routed experts "
+        "from disk.",
+    )
+    add_runtime_options(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--system-prompt", default=None)
+    g.add_argument("--max-tokens", "-m", type=int, default=512, help="per answer")
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--chat-template-args",
+        type=json.loads,
+        default={},
+        help="JSON arguments of apply_chat_template, e.g. '{\"enable_thinking\": false}'",
+    )
+    return p
+
+
+def _read(prompt: str) -> str | None:
+    """One line of input; None at end of input. Ctrl-C at the prompt only prints a hint."""
+    while True:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit to leave)")
+
+
+def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
+    style = GREY if color else ""
+    print(HELP, file=out, flush=True)
+    while True:
+        line = _read("> ")
+        if line is None:
+            out.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=out, flush=True)
+        elif text == "/stats":
+            for s in session.stats_lines():
+                print(s, file=out, flush=True)
+        elif text in ("/help", "/?"):
+            print(HELP, file=out, flush=True)
+        elif text.startswith("/") and " " not in text:
+            print(f"unknown command {text}; {HELP}", file=out, flush=True)
+        else:
+            session.reply(text, out, style)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
+        from .loader import load
+
+        model, tokenizer = load(args.model, **load_options(args), quiet=False)
+        if args.seed is not None:
+            import mlx.core as mx
+
+            mx.random.seed(args.seed)
+        session = ChatSession(model, tokenizer, args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(f"{PROG}: {args.model}", flush=True)
+    try:
+        return run(session, color=color)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
