@@ -17,8 +17,25 @@ def main(argv: list[str] | None = None) -> int:
     io_bench.add_arguments(io)
     io.set_defaults(func=io_bench.run)
 
+    from . import ppl, runtime_bench, sweep, synth
+
+    for name, module, text in (
+        ("synth", synth, "synthetic checkpoint with real Qwen3.5 layer geometry, then converted"),
+        ("sweep", sweep, "decode tok/s and expert I/O across cache-io-split (cold/warm, capped)"),
+        ("runtime", runtime_bench, "flashmoe vs stock mlx-lm: full bank, 25%% bank, peak RSS"),
+        ("ppl", ppl, "perplexity with flashmoe and mlx-lm (must agree) and at reduced k"),
+    ):
+        sp = sub.add_parser(name, help=text, description=module.__doc__.splitlines()[0])
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.run)
+
     args = p.parse_args(argv)
-    return args.func(args)
+    from .report import BenchError
+
+    try:
+        return args.func(args)
+    except BenchError as e:
+        p.exit(2, f"flashmoe-bench: error: {e}\n")
 
 
 if __name__ == "__main__":
