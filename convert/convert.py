@@ -140,10 +140,22 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
 def _run_parallel(jobs: list[Callable], workers: int, bar) -> list:
     """Run ``job(progress, stop)`` for every job on ``workers`` threads; first error stops the rest."""
     stop = threading.Event()
-    progress = bar.update if bar is not None else (lambda n: None)
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        if bar is not None:
+            with lock:
+                bar.update(n)
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flashmoe-convert") as pool:
         futures = [pool.submit(job, progress, stop) for job in jobs]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: let running writers stop at their next batch
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
         if any(f.exception() is not None for f in done if not f.cancelled()):
             stop.set()
             for f in futures:
@@ -286,6 +298,7 @@ def convert_checkpoint(
     aux = aux_files(source.path)
     source_files = _source_files(source, ckpt, aux)
     fingerprint = _fingerprint(source, ckpt, aux, alignment)
+    # Measured on 2 cores: one more thread than cores keeps the disk busy while others hash.
     workers = workers or min(4, (os.cpu_count() or 2) + 1)
 
     try:
@@ -295,6 +308,8 @@ def convert_checkpoint(
     if existing is not None:
         if progress:
             print(f"{out}: already converted", file=sys.stderr)
+        if verify:
+            _verify_against_source(source.path, out, plan, aux, alignment, workers, progress)
         return existing
 
     tasks = _tasks(source.path, out, plan, aux, alignment)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -96,7 +97,13 @@ def verify_layout(
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify")
-    tick = bar.update if bar is not None else (lambda n: None)
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        if bar is not None:
+            with lock:
+                bar.update(n)
+
     try:
         jobs = [(_check_file, (root, index.dense.name, index.dense.size, index.dense.sha256))]
         jobs += [(_check_file, (root, f.name, f.size, f.sha256)) for f in index.files]
@@ -104,8 +111,13 @@ def verify_layout(
         # Layers first and in order, so that the first error reported is the lowest bad layer.
         with ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [pool.submit(fn, *args, checksums, tick) for fn, args in layer_jobs + jobs]
-            for fut in futures:
-                fut.result()
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
     finally:
         if bar is not None:
             bar.close()

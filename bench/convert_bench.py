@@ -1,0 +1,295 @@
+"""Benchmark flashmoe-convert against `cp` of the same shards on the same disk.
+
+Builds a synthetic checkpoint with Qwen3.5-35B-A3B expert geometry (hidden 2048, 256 experts of
+moe_intermediate 512, affine 4-bit group 64, bf16 scales; 10 layers = 4.5 GB of experts), written
+directly as mlx-community-style safetensors shards (unsorted, unaligned, random bytes, bounded
+memory). Then, with the page cache dropped before each run: `cp` of the shards (+ `sync`, since the
+converter fsyncs), and the conversion in a fresh process (its peak RSS from /proc). Prints a table
+and writes JSON.
+
+    python bench/convert_bench.py --dir /work/bench-tmp --layers 10 --json bench/out/convert.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, EXPERTS, MOE_I, TOP_K, VOCAB = 2048, 256, 512, 8, 248320
+HEADS, KV_HEADS, HEAD_DIM = 16, 2, 256
+LIN_K_HEADS, LIN_V_HEADS, LIN_DIM = 16, 32, 128
+
+
+def config(layers: int) -> dict:
+    text = {
+        "model_type": "qwen3_5_moe_text",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "num_experts": EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "moe_intermediate_size": MOE_I,
+        "shared_expert_intermediate_size": MOE_I,
+        "full_attention_interval": 4,
+        "linear_num_key_heads": LIN_K_HEADS,
+        "linear_num_value_heads": LIN_V_HEADS,
+        "linear_key_head_dim": LIN_DIM,
+        "linear_value_head_dim": LIN_DIM,
+        "linear_conv_kernel_dim": 4,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
+    quant: dict = {"group_size": 64, "bits": 4, "mode": "affine"}
+    for i in range(layers):
+        for m in ("mlp.gate", "mlp.shared_expert_gate"):
+            quant[f"language_model.model.layers.{i}.{m}"] = {"group_size": 64, "bits": 8}
+    return {
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "tie_word_embeddings": False,
+        "quantization": quant,
+        "quantization_config": quant,
+    }
+
+
+def quantized(name: str, out_dim: int, in_dim: int, bits: int = 4, lead: tuple = ()) -> list:
+    return [
+        (f"{name}.weight", "U32", [*lead, out_dim, in_dim * bits // 32]),
+        (f"{name}.scales", "BF16", [*lead, out_dim, in_dim // 64]),
+        (f"{name}.biases", "BF16", [*lead, out_dim, in_dim // 64]),
+    ]
+
+
+def tensors(layers: int) -> list[tuple[str, str, list[int]]]:
+    """Key, dtype and shape of every tensor, in mlx-lm's parameter order."""
+    p = "language_model.model"
+    out = quantized(f"{p}.embed_tokens", VOCAB, HIDDEN)
+    for i in range(layers):
+        L = f"{p}.layers.{i}"
+        out.append((f"{L}.input_layernorm.weight", "BF16", [HIDDEN]))
+        if (i + 1) % 4 == 0:
+            out += quantized(f"{L}.self_attn.q_proj", HEADS * HEAD_DIM * 2, HIDDEN)
+            out += quantized(f"{L}.self_attn.k_proj", KV_HEADS * HEAD_DIM, HIDDEN)
+            out += quantized(f"{L}.self_attn.v_proj", KV_HEADS * HEAD_DIM, HIDDEN)
+            out += quantized(f"{L}.self_attn.o_proj", HIDDEN, HEADS * HEAD_DIM)
+        else:
+            qkv = 2 * LIN_K_HEADS * LIN_DIM + LIN_V_HEADS * LIN_DIM
+            out += quantized(f"{L}.linear_attn.in_proj_qkv", qkv, HIDDEN)
+            out += quantized(f"{L}.linear_attn.in_proj_z", LIN_V_HEADS * LIN_DIM, HIDDEN)
+            out += quantized(f"{L}.linear_attn.out_proj", HIDDEN, LIN_V_HEADS * LIN_DIM)
+            out.append((f"{L}.linear_attn.A_log", "F32", [LIN_V_HEADS]))
+            out.append((f"{L}.linear_attn.conv1d.weight", "BF16", [qkv, 4, 1]))
+        out += quantized(f"{L}.mlp.gate", EXPERTS, HIDDEN, bits=8)
+        for proj, (o, i_) in (
+            ("gate_proj", (MOE_I, HIDDEN)),
+            ("up_proj", (MOE_I, HIDDEN)),
+            ("down_proj", (HIDDEN, MOE_I)),
+        ):
+            out += quantized(f"{L}.mlp.switch_mlp.{proj}", o, i_, lead=(EXPERTS,))
+            out += quantized(f"{L}.mlp.shared_expert.{proj}", o, i_)
+        out += quantized(f"{L}.mlp.shared_expert_gate", 1, HIDDEN, bits=8)
+        out.append((f"{L}.post_attention_layernorm.weight", "BF16", [HIDDEN]))
+    out.append((f"{p}.norm.weight", "BF16", [HIDDEN]))
+    out += quantized("language_model.lm_head", VOCAB, HIDDEN)
+    return out
+
+
+SIZES = {"U32": 4, "BF16": 2, "F32": 4}
+
+
+def nbytes(dtype: str, shape: list[int]) -> int:
+    return int(np.prod(shape)) * SIZES[dtype]
+
+
+def write_checkpoint(path: Path, layers: int, shard_bytes: int) -> int:
+    """Write the shards (greedy in parameter order, like mlx-lm) with random bytes; return their size."""
+    path.mkdir(parents=True, exist_ok=True)
+    entries = tensors(layers)
+    shards: list[list] = []
+    size = 0
+    for e in entries:
+        if not shards or size + nbytes(e[1], e[2]) > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes(e[1], e[2])
+    noise = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
+    weight_map, total, cursor = {}, 0, 0
+    for s, group in enumerate(shards):
+        name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "mlx"}}, 0
+        for key, dtype, shape in group:
+            n = nbytes(dtype, shape)
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[key] = name
+        raw = json.dumps(header).encode()  # not padded: data starts at an odd offset, as in mlx-lm
+        with open(path / name, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            left = offset
+            while left:
+                n = min(left, len(noise) - cursor, 16 << 20)
+                f.write(noise[cursor : cursor + n])
+                cursor = (cursor + n) % (
+                    len(noise) - 1
+                )  # drift so that tensors don't repeat exactly
+                left -= n
+        total += os.path.getsize(path / name)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(config(layers), indent=2))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    return total
+
+
+def drop_caches() -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        return "none (no permission to drop the page cache: numbers are warm-cache)"
+
+
+def time_cp(src: Path, dst: Path, sync: bool) -> float:
+    shards = sorted(str(p) for p in src.glob("*.safetensors"))
+    dst.mkdir()
+    drop_caches()
+    t = time.perf_counter()
+    subprocess.run(["cp", *shards, str(dst)], check=True)
+    if sync:
+        os.sync()
+    elapsed = time.perf_counter() - t
+    shutil.rmtree(dst)
+    return elapsed
+
+
+CONVERT = """
+import json, sys, time
+from flashmoe.convert import convert_checkpoint
+t = time.perf_counter()
+convert_checkpoint(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), verify=sys.argv[4] == "1", progress=False)
+elapsed = time.perf_counter() - t
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1])}))
+"""
+
+
+def time_convert(src: Path, dst: Path, workers: int, verify: bool = False) -> dict:
+    drop_caches()
+    r = subprocess.run(
+        [sys.executable, "-c", CONVERT, str(src), str(dst), str(workers), "1" if verify else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    shutil.rmtree(dst)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--dir", type=Path, default=Path("/work/bench-tmp"), help="scratch directory (removed)"
+    )
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size (mlx-lm uses 5)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--verify", action="store_true", help="also time a conversion with --verify")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    args = ap.parse_args()
+
+    src, out = args.dir / "src", args.dir / "out"
+    shutil.rmtree(args.dir, ignore_errors=True)
+    try:
+        t = time.perf_counter()
+        total = write_checkpoint(src, args.layers, int(args.shard_gb * (1 << 30)))
+        print(
+            f"synthetic checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards "
+            f"({time.perf_counter() - t:.0f} s to write)"
+        )
+        cache = drop_caches()
+        rows = []
+
+        def row(
+            name: str, seconds: list[float], rss_kb: int | None = None, ref: float | None = None
+        ) -> None:
+            best = min(seconds)
+            mbps = total / best / 1e6
+            rows.append(
+                {
+                    "run": name,
+                    "seconds": seconds,
+                    "best_seconds": best,
+                    "MB_per_s": mbps,
+                    "ratio_to_cp_sync": (ref / best) if ref else None,
+                    "peak_rss_MB": rss_kb / 1024 if rss_kb else None,
+                }
+            )
+            ratio = f"{ref / best:5.2f}" if ref else "   - "
+            rss = f"{rss_kb / 1024:7.0f}" if rss_kb else "      -"
+            print(
+                f"{name:28s} {best:7.2f} s {mbps:8.0f} MB/s  ratio {ratio}  peak RSS {rss} MB",
+                flush=True,
+            )
+
+        cp_sync = [time_cp(src, out, True) for _ in range(args.repeat)]
+        row("cp + sync", cp_sync)
+        ref = min(cp_sync)
+        row("cp (no sync)", [time_cp(src, out, False) for _ in range(args.repeat)], ref=ref)
+        for w in args.workers:
+            runs = [time_convert(src, out, w) for _ in range(args.repeat)]
+            row(
+                f"flashmoe-convert workers={w}",
+                [r["seconds"] for r in runs],
+                max(r["peak_rss_kb"] for r in runs),
+                ref,
+            )
+        if args.verify:
+            runs = [time_convert(src, out, max(args.workers), verify=True)]
+            row(
+                f"  ... with --verify (w={max(args.workers)})",
+                [r["seconds"] for r in runs],
+                runs[0]["peak_rss_kb"],
+                ref,
+            )
+        result = {
+            "checkpoint_bytes": total,
+            "layers": args.layers,
+            "geometry": {
+                "hidden": HIDDEN,
+                "experts": EXPERTS,
+                "moe_intermediate": MOE_I,
+                "bits": 4,
+                "group_size": 64,
+            },
+            "page_cache": cache,
+            "cpus": os.cpu_count(),
+            "rows": rows,
+        }
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
