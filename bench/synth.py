@@ -278,7 +278,7 @@ __all__ = ["PRESETS", "check_loads", "preset_config", "synthesize"]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", required=True, choices=PRESETS)
+    p.add_argument("--preset", required=True, choices=sorted(GEOMETRY))
     p.add_argument("--layers", type=int, required=True, help="decoder layers (the real: 40-60)")
     p.add_argument("--vocab", type=int, default=REAL_VOCAB, help="vocabulary (default 248320)")
     p.add_argument(
