@@ -92,6 +92,18 @@ class ExpertBank:
         self.free = list(range(slots - 1, -1, -1))  # stack; slot 0 used first
         self.table = np.full(num_experts, -1, dtype=np.int64)  # expert -> slot, -1 if absent
         self._pending: list[mx.array] = []
+        self._device_table: mx.array | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every expert of the layer is resident: nothing will ever be read or evicted again."""
+        return len(self.slot_of) == self.table.size
+
+    def device_table(self) -> mx.array:
+        """The expert -> slot table as an MLX array (for mapping ids without a sync)."""
+        if self._device_table is None:
+            self._device_table = mx.array(self.table.astype(np.uint32))
+        return self._device_table
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +142,8 @@ class ExpertBank:
             self.table[e] = slot
             misses.append((e, slot))
         self.policy.touch(experts)
+        if misses:
+            self._device_table = None
         return hits, misses
 
     def abort(self, misses: list[tuple[int, int]]) -> None:

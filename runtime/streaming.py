@@ -70,6 +70,14 @@ class StreamingSwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         t = self._timing
+        store = self._store
+        bank = store.banks.get(self.layer)
+        if t is None and bank is not None and bank.complete:
+            # Every expert is resident and nothing will be written again: map ids to slots
+            # lazily, with no router sync, so MLX keeps pipelining the whole step.
+            store.stats.calls += 1
+            store.stats.hits += min(indices.size, bank.slots)  # exact for one token
+            return self._glu(bank)(x, bank.device_table()[indices])
         t0 = time.perf_counter()
         if t is not None:
             mx.eval(x)
@@ -81,7 +89,6 @@ class StreamingSwitchGLU(nn.Module):
             t.router += time.perf_counter() - t0
         k = experts.shape[-1]
         flat = experts.reshape(-1, k)
-        store = self._store
         unique = np.unique(flat)
         if unique.size <= store.slots:
             out = self._compute(x, experts, unique)
