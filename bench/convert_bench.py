@@ -228,46 +228,69 @@ def main() -> None:
         rows = []
 
         def row(
-            name: str, seconds: list[float], rss_kb: int | None = None, ref: float | None = None
+            name: str,
+            seconds: list[float],
+            rss_kb: int | None,
+            ref: list[float] | None,
+            ref2: list[float] | None = None,
         ) -> None:
-            best = min(seconds)
-            mbps = total / best / 1e6
+            med = float(np.median(seconds))
+            ratios = [a / b for a, b in zip(ref, seconds, strict=False)] if ref else []
+            ratio = float(np.median(ratios)) if ratios else None
+            ratios2 = [a / b for a, b in zip(ref2, seconds, strict=False)] if ref2 else []
+            ratio2 = float(np.median(ratios2)) if ratios2 else None
             rows.append(
                 {
                     "run": name,
                     "seconds": seconds,
-                    "best_seconds": best,
-                    "MB_per_s": mbps,
-                    "ratio_to_cp_sync": (ref / best) if ref else None,
+                    "median_seconds": med,
+                    "MB_per_s": total / med / 1e6,
+                    "ratio_to_cp_sync_per_round": ratios,
+                    "median_ratio_to_cp_sync": ratio,
+                    "ratio_to_cp_per_round": ratios2,
+                    "median_ratio_to_cp": ratio2,
                     "peak_rss_MB": rss_kb / 1024 if rss_kb else None,
                 }
             )
-            ratio = f"{ref / best:5.2f}" if ref else "   - "
-            rss = f"{rss_kb / 1024:7.0f}" if rss_kb else "      -"
+            r = f"{ratio:5.2f}" if ratio is not None else "   - "
+            r2 = f"{ratio2:5.2f}" if ratio2 is not None else "   - "
+            m = f"{rss_kb / 1024:5.0f}" if rss_kb else "    -"
+            runs = " ".join(f"{t:.1f}" for t in seconds)
             print(
-                f"{name:28s} {best:7.2f} s {mbps:8.0f} MB/s  ratio {ratio}  peak RSS {rss} MB",
+                f"{name:32s} median {med:6.2f} s ({runs}) {total / med / 1e6:6.0f} MB/s  "
+                f"ratio to cp+sync {r}, to cp {r2}  peak RSS {m} MB",
                 flush=True,
             )
 
-        cp_sync = [time_cp(src, out, True) for _ in range(args.repeat)]
-        row("cp + sync", cp_sync)
-        ref = min(cp_sync)
-        row("cp (no sync)", [time_cp(src, out, False) for _ in range(args.repeat)], ref=ref)
-        for w in args.workers:
-            runs = [time_convert(src, out, w) for _ in range(args.repeat)]
-            row(
-                f"flashmoe-convert workers={w}",
-                [r["seconds"] for r in runs],
-                max(r["peak_rss_kb"] for r in runs),
-                ref,
-            )
+        # Interleaved rounds (cp, cp + sync, each converter setting): on a shared machine the load
+        # drifts, so each round's ratio compares runs made moments apart; the median is reported.
+        names = ["cp + sync", "cp (no sync)"] + [
+            f"flashmoe-convert workers={w}" for w in args.workers
+        ]
+        times: dict[str, list[float]] = {n: [] for n in names}
+        rss: dict[str, int] = {}
+        for _ in range(args.repeat):
+            times["cp + sync"].append(time_cp(src, out, True))
+            times["cp (no sync)"].append(time_cp(src, out, False))
+            for w in args.workers:
+                r = time_convert(src, out, w)
+                name = f"flashmoe-convert workers={w}"
+                times[name].append(r["seconds"])
+                rss[name] = max(rss.get(name, 0), r["peak_rss_kb"])
         if args.verify:
-            runs = [time_convert(src, out, max(args.workers), verify=True)]
+            name = f"  ... with --verify (w={args.workers[0]})"
+            r = time_convert(src, out, args.workers[0], verify=True)
+            times[name], rss[name] = [r["seconds"]], r["peak_rss_kb"]
+            times["cp + sync"].append(time_cp(src, out, True))  # a reference next to it
+        ref = times["cp + sync"]
+        for name, seconds in times.items():
+            conv = name.startswith("flashmoe")
             row(
-                f"  ... with --verify (w={max(args.workers)})",
-                [r["seconds"] for r in runs],
-                runs[0]["peak_rss_kb"],
-                ref,
+                name,
+                seconds,
+                rss.get(name),
+                None if name == "cp + sync" else ref,
+                times["cp (no sync)"] if conv else None,
             )
         result = {
             "checkpoint_bytes": total,

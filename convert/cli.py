@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="files written in parallel (default: CPUs + 1, at most 4)",
+        help="files written in parallel (default: CPUs, at most 4)",
     )
     p.add_argument(
         "--verify",
