@@ -182,6 +182,9 @@ def _server_classes():
             else:
                 super().do_GET()
 
+        def log_message(self, format: str, *args) -> None:
+            logging.info("%s %s", self.address_string(), format % args)
+
         def _model_card(self) -> dict:
             name = self.response_generator.cli_args.model
             return {"id": name, "object": "model", "created": self.created, "owned_by": "flashmoe"}
