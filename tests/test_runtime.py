@@ -59,16 +59,19 @@ def streamed(layout_dir, prompt, **options):
     return model, logits, tokens
 
 
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, 0.0])
 @pytest.mark.parametrize("split", [1, 4])
-def test_bit_identical_to_mlx_lm(layout, family, fraction, split):
+def test_bit_identical_to_mlx_lm(layout, family, fraction, split, reader):
     src, out = layout(family)
     prompt, ref_logits, ref_tokens = reference(src)
     index = json.loads((out / "flashmoe-index.json").read_text())
     experts, top_k = index["num_experts"], index["top_k"]
     slots = max(top_k, int(experts * fraction))
-    model, logits, tokens = streamed(out, prompt, bank_experts=slots, cache_io_split=split)
+    model, logits, tokens = streamed(
+        out, prompt, bank_experts=slots, cache_io_split=split, reader=reader
+    )
     assert np.array_equal(logits, ref_logits), "prefill logits differ from mlx-lm"
     assert tokens == ref_tokens, "greedy tokens differ from mlx-lm"
     stats = model.flashmoe.store.stats
