@@ -222,7 +222,7 @@ def run(args) -> int:
             check_available()
         except CgroupError as e:
             raise BenchError(f"--memory-cap: {e}") from None
-        if "warm" in modes:
+        if args.warm or args.both:
             notes.append("--memory-cap: cold runs only (pages cached outside the cap are free)")
         modes = ["cold"]
         if layout_bytes < 3 * cap:
@@ -312,6 +312,7 @@ def run(args) -> int:
             r.get("disk_mb_per_token_device"), r.get("ttft_ms"), r.get("prompt_tps"),
             r.get("peak_rss_mb") if "error" not in r else r["error"],
         ]
+        + ([r.get("cgroup_peak_mb")] if cap else [])
         for r in rows
     ]  # fmt: skip
     mlx_rows = []
@@ -346,7 +347,7 @@ def run(args) -> int:
         "repeat": args.repeat,
         "prompt": args.prompt,
         "notes": notes,
-        "columns": COLUMNS,
+        "columns": COLUMNS + (["cgroup peak MB"] if cap else []),
         "rows": rows,
         "mlx_lm": baselines,
         "llama_cpp": llama,
@@ -366,7 +367,7 @@ def run(args) -> int:
         f"decode: {args.tokens} tokens after a fixed prompt, one fresh process per run; "
         f"median of {args.repeat} run(s) per row\n"
     )
-    print(table(COLUMNS, columns_rows))
+    print(table(COLUMNS + (["cgroup peak MB"] if cap else []), columns_rows))
     if mlx_rows:
         print()
         print(table(MLX_COLUMNS, mlx_rows))
