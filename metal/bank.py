@@ -74,13 +74,16 @@ class ExpertBank:
         *,
         num_experts: int,
         policy=None,
+        page_aligned: int = 0,
     ):
         if slots < 1:
             raise ValueError("a bank needs at least one slot")
         self.slots = slots
         self.names = [name for name, _, _ in components]
+        self.page_aligned = page_aligned
         self.arrays: list[mx.array] = [
-            mx.zeros((slots, *shape), dtype=_DTYPES[dtype]) for _, dtype, shape in components
+            self._allocate((slots, *shape), _DTYPES[dtype], page_aligned)
+            for _, dtype, shape in components
         ]
         mx.eval(self.arrays)
         # Writable byte views of each component array, and per-slot slices of them: the
@@ -93,6 +96,22 @@ class ExpertBank:
         self.table = np.full(num_experts, -1, dtype=np.int64)  # expert -> slot, -1 if absent
         self._pending: list[mx.array] = []
         self._device_table: mx.array | None = None
+
+    @staticmethod
+    def _allocate(shape: tuple, dtype, page_aligned: int) -> mx.array:
+        """A zeroed array; with ``page_aligned`` its data starts on such a boundary (O_DIRECT).
+
+        MLX buffers start at no particular page offset, so an aligned array is a zero-copy view
+        into a byte buffer allocated one page larger.
+        """
+        if not page_aligned:
+            return mx.zeros(shape, dtype=dtype)
+        nbytes = int(np.prod(shape)) * dtype.size
+        raw = mx.zeros((nbytes + page_aligned,), dtype=mx.uint8)
+        mx.eval(raw)
+        address = np.frombuffer(memoryview(raw), dtype=np.uint8).ctypes.data
+        skip = -address % page_aligned
+        return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
     @property
     def complete(self) -> bool:

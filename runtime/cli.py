@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .options import add_runtime_options, error_line, load_options
+
 PROG = "flashmoe-run"
 
 
@@ -15,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text from a flashmoe layout (a directory or a Hub repo id), "
         "streaming the routed experts from disk.",
     )
-    p.add_argument("model", nargs="?", help="layout directory or Hub repo id (ORG/NAME)")
+    add_runtime_options(p, model_optional=True)
     g = p.add_argument_group("generation (as mlx_lm.generate)")
     g.add_argument("--prompt", "-p", default="Hello", help="the prompt, or - to read stdin")
     g.add_argument("--system-prompt", default=None)
@@ -25,23 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
-    s = p.add_argument_group("expert streaming")
-    s.add_argument("--k", type=int, default=None, help="routed experts per token (default: config)")
-    s.add_argument("--cache-io-split", type=int, default=1, help="chunks per expert read, 1..8")
-    s.add_argument("--io-threads", type=int, default=8)
-    s.add_argument("--reader", choices=("auto", "native", "python"), default="auto")
-    s.add_argument("--bank-experts", type=int, default=None, help="expert slots per MoE layer")
-    s.add_argument(
-        "--memory-budget",
-        type=float,
-        default=None,
-        metavar="GB",
-        help="size the bank so dense weights + bank + KV cache fit in GB",
-    )
-    s.add_argument(
-        "--verify", action="store_true", help="check every expert read against its checksum"
-    )
-    s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
     p.add_argument(
         "--timing", action="store_true", help="print per-token timing and I/O statistics"
     )
@@ -149,26 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("MODEL is required (or use --demo)")
         from .loader import load
 
-        model, tokenizer = load(
-            args.model,
-            bank_experts=args.bank_experts,
-            memory_budget_gb=args.memory_budget,
-            cache_io_split=args.cache_io_split,
-            io_threads=args.io_threads,
-            reader=args.reader,
-            k=args.k,
-            verify=args.verify,
-            timing=args.timing,
-            revision=args.revision,
-            quiet=False,
-        )
+        model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
         generate(model, tokenizer, _prompt_tokens(args, tokenizer), args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

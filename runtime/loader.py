@@ -85,6 +85,7 @@ def load(
     reader: str = "auto",
     k: int | None = None,
     verify: bool = False,
+    direct_io: bool = False,
     timing: bool = False,
     max_kv_tokens: int = 8192,
     revision: str | None = None,
@@ -97,6 +98,7 @@ def load(
     a bank of ``bank_experts`` slots (or as many as ``memory_budget_gb`` allows; by default 75 % of
     physical memory, capped at all experts). ``k`` overrides the number of routed experts per token
     (fewer changes the output). ``verify`` checks each expert read against the index checksums.
+    ``direct_io`` reads experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
     """
     root = resolve_model_path(path_or_repo, revision=revision)
     index = read_index(root)
@@ -132,7 +134,9 @@ def load(
             f"({slots * moe_layers * index.expert_bytes / GiB:.2f} GiB) from {what}"
         )
     io = make_reader(reader, threads=io_threads)
-    store = ExpertStore(root, index, io, slots=slots, split=cache_io_split, verify=verify)
+    store = ExpertStore(
+        root, index, io, slots=slots, split=cache_io_split, verify=verify, direct=direct_io
+    )
     timer = Timing() if timing else None
     parents: list[tuple[nn.Module, int]] = []
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """Add MODEL and the runtime's loading options (same names and defaults as flashmoe-run)."""
-    p.add_argument("model", help="layout directory or Hub repo id (ORG/NAME)")
+def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
+    """Add MODEL and the runtime's loading options (shared by flashmoe-run, -serve and -chat)."""
+    p.add_argument(
+        "model",
+        nargs="?" if model_optional else None,
+        help="layout directory or Hub repo id (ORG/NAME)",
+    )
     s = p.add_argument_group("expert streaming")
     s.add_argument("--k", type=int, default=None, help="routed experts per token (default: config)")
     s.add_argument("--cache-io-split", type=int, default=1, help="chunks per expert read, 1..8")
@@ -24,6 +28,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--verify", action="store_true", help="check every expert read against its checksum"
     )
+    s.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="read experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)",
+    )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
 
 
@@ -37,6 +46,7 @@ def load_options(args: argparse.Namespace) -> dict:
         reader=args.reader,
         k=args.k,
         verify=args.verify,
+        direct_io=args.direct_io,
         revision=args.revision,
     )
 

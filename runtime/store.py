@@ -8,15 +8,17 @@ copies), and one wait. Syscalls per token = misses x split count; no other copie
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from ..layouts import Index, safe_relative_path
 from ..metal.bank import ExpertBank
-from .reader import ReadRequest, open_for_reading, split_buffers
+from .reader import DIRECT_ALIGNMENT, ReadRequest, open_for_reading, split_buffers
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ExpertStore:
         slots: int,
         split: int = 1,
         verify: bool = False,
+        direct: bool = False,
     ):
         from ..layouts.plan import split_plan
 
@@ -62,9 +65,25 @@ class ExpertStore:
         self.slots = slots
         self.split = split
         self.verify = verify
+        self.direct = direct
         self.stats = StoreStats()
         self.plan = split_plan(index.expert_bytes, index.alignment, split)
         self.components = [(c.name, c.dtype, c.shape) for c in index.components]
+        # O_DIRECT needs every destination page-aligned in address and length: the bank arrays are
+        # allocated aligned, and the record's padding (if any) goes to an aligned scratch buffer.
+        self._pad: tuple[memoryview, ...] = ()
+        if direct and sys.platform != "darwin":
+            bad = [c.name for c in index.components if c.nbytes % DIRECT_ALIGNMENT]
+            if bad:
+                raise ValueError(
+                    f"{self.root}: direct I/O needs every expert tensor to be a multiple of "
+                    f"{DIRECT_ALIGNMENT} bytes ({', '.join(bad)} are not)"
+                )
+            pad = index.record_size - index.expert_bytes
+            if pad:
+                scratch = ExpertBank._allocate((pad,), mx.uint8, DIRECT_ALIGNMENT)
+                mx.eval(scratch)
+                self._pad = (memoryview(scratch).cast("B"),)
         self._fds: dict[int, int] = {}
         self._paths: dict[int, str] = {}
         self.banks: dict[int, ExpertBank] = {}
@@ -84,17 +103,22 @@ class ExpertStore:
         """The bank of ``layer``, allocated on first use."""
         bank = self.banks.get(layer)
         if bank is None:
+            aligned = DIRECT_ALIGNMENT if self.direct else 0
             bank = self.banks[layer] = ExpertBank(
-                self.slots, self.components, num_experts=self.index.num_experts
+                self.slots,
+                self.components,
+                num_experts=self.index.num_experts,
+                page_aligned=aligned,
             )
-            self._fds[layer] = open_for_reading(self._paths[layer])
+            self._fds[layer] = open_for_reading(self._paths[layer], direct=self.direct)
         return bank
 
     def _chunks(self, layer: int, bank: ExpertBank, slot: int):
         key = (layer, slot)
         chunks = self._chunk_cache.get(key)
         if chunks is None:
-            chunks = self._chunk_cache[key] = split_buffers(bank.slot_buffers(slot), self.plan)
+            buffers = bank.slot_buffers(slot) + self._pad
+            chunks = self._chunk_cache[key] = split_buffers(buffers, self.plan)
         return chunks
 
     def ensure(self, layer: int, experts: list[int]) -> ExpertBank:
