@@ -25,6 +25,7 @@ from ..layouts import (
 )
 from ..layouts.card import model_card
 from ..layouts.plan import all_split_plans, check_alignment
+from ..layouts.verify import verify_layout
 from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
 from .geometry import ExpertPlan, plan_experts
@@ -187,8 +188,42 @@ def _check_space(out: Path, tasks: list[Task], pending: list[Task]) -> None:
         )
 
 
-def _prepare_output(out: Path, fingerprint: dict, source_files: list[dict], alignment: int):
-    """``(state, None)`` to (re)start, or ``(None, index)`` if ``out`` already holds this layout."""
+def _same_source_file(recorded: dict, current: dict) -> bool:
+    """Whether a ``source.files`` entry of a finished layout still describes ``current``."""
+    if recorded.get("name") != current["name"] or recorded.get("size") != current["size"]:
+        return False
+    if recorded.get("sha256") and current["sha256"]:
+        return recorded["sha256"] == current["sha256"]
+    # No content hash on one side: the modification time stands in for it, as in a resume.
+    return recorded.get("mtime_ns") == current["mtime_ns"]
+
+
+def _source_mismatch(index: Index, source: dict, alignment: int) -> str | None:
+    """Why the finished layout ``index`` is not this conversion, or None if it is."""
+    if index.alignment != alignment:
+        return f"alignment {index.alignment}, asked for {alignment}"
+    recorded = index.source or {}
+    for key in ("repo_id", "revision", "path"):
+        if recorded.get(key) != source[key]:
+            return f"source {key} {recorded.get(key)!r}, this source has {source[key]!r}"
+    before = {f.get("name"): f for f in recorded.get("files", []) if isinstance(f, dict)}
+    now = {f["name"]: f for f in source["files"]}
+    if before.keys() != now.keys():
+        changed = sorted(set(before) ^ set(now), key=str)
+        return f"source files differ ({', '.join(map(str, changed))})"
+    for name, current in now.items():
+        if not _same_source_file(before[name], current):
+            return f"source file {name} changed since"
+    return None
+
+
+def _prepare_output(out: Path, fingerprint: dict, source: dict, alignment: int):
+    """``(state, None)`` to (re)start, or ``(None, index)`` if ``out`` already holds this layout.
+
+    A finished layout counts only if its index records this very source (same files, sizes and
+    sha256, or modification times where no sha256 is known) and alignment, and its files are all
+    there with their sizes; otherwise it is left alone and the conversion refused.
+    """
     if is_empty_output(out):
         return ConversionState.begin(out, fingerprint), None
     state = ConversionState.resume(out, fingerprint)
@@ -199,12 +234,22 @@ def _prepare_output(out: Path, fingerprint: dict, source_files: list[dict], alig
             index = read_index(out)
         except LayoutError:
             index = None
-        if (
-            index is not None
-            and index.alignment == alignment
-            and [(f["name"], f["size"]) for f in index.source.get("files", [])]
-            == [(f["name"], f["size"]) for f in source_files]
-        ):
+        if index is not None:
+            why = _source_mismatch(index, source, alignment)
+            if why is not None:
+                raise ConvertError(
+                    out,
+                    f"holds a finished layout of another source or with other options ({why}); "
+                    "refusing to overwrite it: delete it or choose another output directory",
+                )
+            try:
+                verify_layout(out, checksums=False)
+            except LayoutError as e:
+                raise ConvertError(
+                    out,
+                    f"holds a finished layout of this source that is damaged ({e}); "
+                    "delete it or choose another output directory",
+                ) from None
             return None, index
     raise ConvertError(
         out,
@@ -220,7 +265,15 @@ def _source_files(src: Source, ckpt: Checkpoint, aux: list[str]) -> list[dict]:
     files = []
     for name in sorted(set(names)):
         p = src.path / name
-        files.append({"name": name, "size": os.path.getsize(p), "sha256": cached_sha256(p)})
+        st = os.stat(p)
+        files.append(
+            {
+                "name": name,
+                "size": st.st_size,
+                "sha256": cached_sha256(p),
+                "mtime_ns": st.st_mtime_ns,
+            }
+        )
     return files
 
 
@@ -296,13 +349,18 @@ def convert_checkpoint(
     ckpt = open_checkpoint(source.path)
     plan = plan_experts(ckpt)
     aux = aux_files(source.path)
-    source_files = _source_files(source, ckpt, aux)
+    source_block = {
+        "repo_id": source.repo_id,
+        "revision": source.revision,
+        "path": None if source.from_hub else str(source.path.resolve()),
+        "files": _source_files(source, ckpt, aux),
+    }
     fingerprint = _fingerprint(source, ckpt, aux, alignment)
     # bench/convert_bench.py on 2 cores: 2 writers were as fast as or faster than 3 or 4.
     workers = workers or min(4, os.cpu_count() or 2)
 
     try:
-        state, existing = _prepare_output(out, fingerprint, source_files, alignment)
+        state, existing = _prepare_output(out, fingerprint, source_block, alignment)
     except OSError as e:
         raise os_error(e, out) from None
     if existing is not None:
@@ -373,12 +431,7 @@ def convert_checkpoint(
             ],
             dense=FileEntry(DENSE_FILE, records[DENSE_FILE]["size"], records[DENSE_FILE]["sha256"]),
             files=[FileEntry(name, records[name]["size"], records[name]["sha256"]) for name in aux],
-            source={
-                "repo_id": source.repo_id,
-                "revision": source.revision,
-                "path": None if source.from_hub else str(source.path.resolve()),
-                "files": source_files,
-            },
+            source=source_block,
             split_plans=all_split_plans(plan.expert_bytes, alignment),
             created_by=f"flashmoe {__version__}",
         )

@@ -273,13 +273,67 @@ def test_non_empty_output(checkpoint, tmp_path, capsys):
     convert_checkpoint(checkpoint("qwen3_moe"), done, progress=False)
     before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
     err = cli(capsys, checkpoint("qwen3_next"), "-o", done)
-    assert err.startswith(f"{done}: output directory is not empty")
+    assert err.startswith(
+        f"{done}: holds a finished layout of another source or with other options"
+    )
+    assert err.endswith("delete it or choose another output directory")
     assert {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()} == before
     (tmp_path / "file").write_text("x")
     assert (
         cli(capsys, checkpoint("qwen3_moe"), "-o", tmp_path / "file")
         == f"{tmp_path / 'file'}: exists and is not a directory"
     )
+
+
+def test_finished_layout_of_a_changed_source_is_not_reused(checkpoint, tmp_path, capsys):
+    """A source whose files were replaced by others of the same size is a different source."""
+    src = copy_of(checkpoint, tmp_path)
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, progress=False)
+    before = tree_bytes(out)
+    victim = shards(src)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-64:] = bytes(255 - b for b in raw[-64:])  # new weights, same size, same header
+    st = victim.stat()
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    err = cli(capsys, src, "-o", out)
+    assert err == (
+        f"{out}: holds a finished layout of another source or with other options "
+        f"(source file {victim.name} changed since); "
+        "refusing to overwrite it: delete it or choose another output directory"
+    )
+    assert tree_bytes(out) == before
+    # Another alignment is another conversion too.
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ConvertError, match="alignment 16384, asked for 4096"):
+        convert_checkpoint(src, out, progress=False, alignment=4096)
+
+
+def test_damaged_finished_layout_is_not_reported_as_converted(checkpoint, tmp_path, capsys):
+    src = checkpoint("qwen3_moe")
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, progress=False)
+    convert_checkpoint(src, out, progress=False)  # intact: "already converted"
+    layer = out / "experts" / "layer-001.bin"
+    saved = layer.read_bytes()
+    layer.unlink()
+    err = cli(capsys, src, "-o", out)
+    assert err == (
+        f"{out}: holds a finished layout of this source that is damaged "
+        f"({layer}: missing (layer 1)); delete it or choose another output directory"
+    )
+    assert not layer.exists()
+    layer.write_bytes(saved)
+    (out / "config.json").write_text("{}")  # a copied file of another size
+    with pytest.raises(ConvertError, match="that is damaged .*config.json: 2 bytes"):
+        convert_checkpoint(src, out, progress=False)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_error_is_one_line_without_traceback(checkpoint, tmp_path):
