@@ -324,6 +324,20 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def kv_tokens(args: argparse.Namespace) -> int:
+    """The KV-cache tokens to size the bank for: every decoded sequence at its longest."""
+    return args.decode_concurrency * (args.max_prompt_tokens + args.max_tokens_limit)
+
+
+def kv_note(args: argparse.Namespace) -> str:
+    return (
+        f"bank sized for a KV cache of {kv_tokens(args):,} tokens "
+        f"({args.decode_concurrency} concurrent sequences (--decode-concurrency) x "
+        f"{args.max_prompt_tokens + args.max_tokens_limit:,} tokens (--max-prompt-tokens + "
+        "--max-tokens-limit)); lower them for a bigger bank"
+    )
+
+
 def make_server(args: argparse.Namespace, model, tokenizer):
     """An HTTP server (not yet serving) and its response generator for a loaded pair."""
     from mlx_lm.models.cache import LRUPromptCache
@@ -370,11 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import load
 
         model, tokenizer = load(
-            args.model,
-            **load_options(args),
-            max_kv_tokens=args.max_prompt_tokens + args.max_tokens_limit,
-            quiet=False,
+            args.model, **load_options(args), max_kv_tokens=kv_tokens(args), quiet=False
         )
+        if args.bank_experts is None:
+            print(f"{PROG}: {kv_note(args)}", file=sys.stderr, flush=True)
         httpd, generator = make_server(args, model, tokenizer)
     except KeyboardInterrupt:
         return 130

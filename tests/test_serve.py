@@ -295,6 +295,30 @@ def test_cli_errors_are_one_line(layout, tmp_path):
         assert needle in lines[0]
 
 
+def test_bank_budget_counts_every_concurrent_sequence(monkeypatch, capsys):
+    from flashmoe.runtime import loader, serve
+
+    seen = {}
+
+    def fake_load(model, **kw):
+        seen.update(kw)
+        return None, None
+
+    def fake_server(*a):
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(loader, "load", fake_load)
+    monkeypatch.setattr(serve, "make_server", fake_server)
+    argv = ["m", "--memory-budget", "8", "--max-prompt-tokens", "1000", "--max-tokens-limit", "24"]
+    assert serve.main([*argv, "--max-tokens", "16", "--decode-concurrency", "3"]) == 2
+    assert seen["max_kv_tokens"] == 3 * 1024 and seen["memory_budget_gb"] == 8
+    note, error = capsys.readouterr().err.splitlines()
+    assert note.startswith("flashmoe-serve: bank sized for a KV cache of 3,072 tokens (3 ")
+    assert error == "flashmoe-serve: error: stop here"
+    assert serve.main([*argv, "--max-tokens", "16"]) == 2  # default --decode-concurrency 32
+    assert seen["max_kv_tokens"] == 32 * 1024
+
+
 def test_cli_warns_when_not_on_loopback(layout):
     _, out = layout("qwen3_5_moe")
     r = run_serve(out, "--host", "0.0.0.0", "--k", "99")  # fails after the warning, binds nothing
