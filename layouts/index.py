@@ -6,12 +6,13 @@ See FORMAT.md next to this file for the specification this module implements.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .families import COMPONENTS
-from .plan import check_alignment, record_size, split_plan
+from .plan import MAX_SPLIT, check_alignment, record_size, split_plan
 
 FORMAT_NAME = "flashmoe-layout"
 FORMAT_VERSION = 1
@@ -102,10 +103,11 @@ class Index:
 
 def safe_relative_path(root: Path, name: str, what: str = "file") -> Path:
     """Resolve ``name`` under ``root``, refusing absolute paths, ``..`` and symlinks that leave it."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or "\\" in name or any(part in ("..", "") for part in p.parts):
+    ok = isinstance(name, str) and name and "\0" not in name and "\\" not in name
+    parts = name.split("/") if ok else []
+    if not ok or name.startswith("/") or any(part in ("..", ".", "") for part in parts):
         raise LayoutError(f"{root / INDEX_FILE}: {what} name {name!r} is not a plain relative path")
-    full = root.joinpath(*p.parts)
+    full = root.joinpath(*parts)
     real_root = os.path.realpath(root)
     real = os.path.realpath(full)
     if os.path.commonpath([real_root, real]) != real_root:
@@ -128,12 +130,58 @@ def _hf_cache_blobs(real_root: str) -> str | None:
     return blobs if os.path.isdir(blobs) else None
 
 
+DTYPE_SIZES = {"U32": 4, "U8": 1, "BF16": 2, "F16": 2, "F32": 4}
+_HEX = set("0123456789abcdef")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(index: Index) -> str | None:
+    """The first field whose JSON type is wrong, described; None when every type is right."""
+    for name in ("num_experts", "top_k", "alignment", "expert_bytes", "record_size"):
+        if not _is_int(getattr(index, name)):
+            return f"{name} must be an integer"
+    if not isinstance(index.config, dict) or not isinstance(index.model_type, str):
+        return "config must be an object and model_type a string"
+    for c in index.components:
+        if not (
+            isinstance(c.name, str)
+            and c.dtype in DTYPE_SIZES
+            and isinstance(c.shape, list)
+            and all(_is_int(d) and d > 0 for d in c.shape)
+            and all(_is_int(v) for v in (c.offset, c.nbytes, c.bits, c.group_size))
+            and isinstance(c.mode, str)
+        ):
+            return f"component {c.name!r} is malformed (dtype must be one of {sorted(DTYPE_SIZES)})"
+    for entry in index.layers:
+        if not (
+            _is_int(entry.layer)
+            and isinstance(entry.file, str)
+            and _is_int(entry.size)
+            and isinstance(entry.source_prefix, str)
+            and isinstance(entry.checksums, list)
+            and all(isinstance(h, str) and len(h) == 64 and set(h) <= _HEX for h in entry.checksums)
+        ):
+            return f"layer entry {entry.layer!r} is malformed"
+    for f in [index.dense, *index.files]:
+        if not (isinstance(f.name, str) and _is_int(f.size)):
+            return f"file entry {f.name!r} is malformed"
+    if not isinstance(index.split_plans, dict):
+        return "split_plans must be an object"
+    return None
+
+
 def validate(index: Index, where: str) -> None:
-    """Check the index's internal consistency; raise LayoutError naming ``where``."""
+    """Check the index's types and internal consistency; raise LayoutError naming ``where``."""
 
     def bad(msg: str) -> LayoutError:
         return LayoutError(f"{where}: {msg}")
 
+    problem = _check_types(index)
+    if problem:
+        raise bad(problem)
     try:
         check_alignment(index.alignment)
     except ValueError as e:
@@ -147,6 +195,8 @@ def validate(index: Index, where: str) -> None:
     for c in index.components:
         if c.offset != offset or c.nbytes <= 0:
             raise bad(f"component {c.name} has offset {c.offset}, expected {offset}")
+        if math.prod(c.shape) * DTYPE_SIZES[c.dtype] != c.nbytes:
+            raise bad(f"component {c.name}: shape {c.shape} of {c.dtype} is not {c.nbytes} bytes")
         offset += c.nbytes
     if offset != index.expert_bytes:
         raise bad(f"components add up to {offset} bytes, expert_bytes is {index.expert_bytes}")
@@ -154,6 +204,9 @@ def validate(index: Index, where: str) -> None:
         raise bad(f"top_k {index.top_k} is not in 1..num_experts ({index.num_experts})")
     if not index.layers:
         raise bad("no MoE layers")
+    numbers = [entry.layer for entry in index.layers]
+    if numbers != sorted(set(numbers)) or numbers[0] < 0:
+        raise bad(f"layers must be distinct and increasing, got {numbers}")
     for entry in index.layers:
         if entry.size != index.num_experts * index.record_size:
             raise bad(f"layer {entry.layer}: size {entry.size} != num_experts * record_size")
@@ -161,6 +214,11 @@ def validate(index: Index, where: str) -> None:
             raise bad(
                 f"layer {entry.layer}: {len(entry.checksums)} checksums for {index.num_experts} experts"
             )
+    if index.dense.name != DENSE_FILE:
+        raise bad(f"dense file must be {DENSE_FILE!r}, got {index.dense.name!r}")
+    expected_keys = [str(n) for n in range(1, MAX_SPLIT + 1)]
+    if sorted(index.split_plans, key=lambda k: (len(k), k)) != expected_keys:
+        raise bad(f"split_plans must have exactly the keys {expected_keys}")
     for n, plan in index.split_plans.items():
         expected = [list(r) for r in split_plan(index.expert_bytes, index.alignment, int(n))]
         if plan != expected:
@@ -190,7 +248,7 @@ def read_index(root: str | os.PathLike) -> Index:
         )
     try:
         index = Index.from_dict(raw)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
         raise LayoutError(f"{path}: malformed index ({e})") from None
     validate(index, str(path))
     for entry in index.layers:
@@ -211,3 +269,9 @@ def write_index(root: str | os.PathLike, index: Index) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / INDEX_FILE)
+    # Make the rename itself durable: a layout must not lose its index after a crash.
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

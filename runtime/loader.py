@@ -42,6 +42,10 @@ class Runtime:
     timing: Timing | None
     budget_note: str
 
+    def close(self) -> None:
+        """Close the layer files and stop the reader; the model cannot stream afterwards."""
+        self.store.close()
+
 
 def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
     """A local layout directory, or a Hub repo id pulled (and verified) into the local cache."""
@@ -73,6 +77,48 @@ def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
         setattr(parent, name, make(layer, glu))
         swapped.append((parent, layer))
     return swapped
+
+
+def _build_model(root: Path, index: Index, store: ExpertStore, timer: Timing | None, k: int | None):
+    """mlx-lm's ``load_model`` with every SwitchGLU swapped for a streaming one at construction."""
+    parents: list[tuple[nn.Module, int]] = []
+
+    def get_classes(config: dict):
+        model_class, args_class = _get_classes(config)
+
+        class StreamingModel(model_class):
+            # Swap before load_model quantizes or loads anything: no [num_experts, ...] tensor
+            # is ever evaluated.
+            def __init__(self, args):
+                super().__init__(args)
+                parents.extend(
+                    _swap_switch_glus(
+                        self, lambda layer, glu: StreamingSwitchGLU(layer, glu, store, timer)
+                    )
+                )
+
+        StreamingModel.__name__ = model_class.__name__
+        return StreamingModel, args_class
+
+    model, config = load_model(root, get_model_classes=get_classes)
+    layers = sorted(layer for _, layer in parents)
+    expected = sorted(entry.layer for entry in index.layers)
+    if layers != expected:
+        raise LayoutError(
+            f"{root}: the model has MoE layers {layers} but the layout has {expected}"
+        )
+    if k is not None:
+        if k != index.top_k:
+            print(
+                f"flashmoe: warning: routing {k} experts per token instead of {index.top_k}; "
+                "output will differ from the original model",
+                file=sys.stderr,
+            )
+        for parent, _ in parents:
+            if not hasattr(parent, "top_k"):
+                raise ValueError(f"{type(parent).__name__} has no top_k to override")
+            parent.top_k = k
+    return model, config
 
 
 def load(
@@ -118,7 +164,8 @@ def load(
             )
         slots, note = bank_experts, f"bank: {bank_experts} experts per layer (asked)"
     else:
-        budget = int((memory_budget_gb * GiB) if memory_budget_gb else 0.75 * physical_memory())
+        asked = memory_budget_gb is not None
+        budget = int(memory_budget_gb * GiB if asked else 0.75 * physical_memory())
         slots = slots_for_budget(
             budget,
             dense_bytes=index.dense.size,
@@ -128,55 +175,27 @@ def load(
             num_experts=index.num_experts,
             min_slots=top_k,
         )
-        what = f"budget {budget / GiB:.2f} GiB" if memory_budget_gb else "75% of RAM"
+        what = f"budget {budget / GiB:.2f} GiB" if asked else "75% of RAM"
         note = (
             f"bank: {slots} of {index.num_experts} experts per layer "
             f"({slots * moe_layers * index.expert_bytes / GiB:.2f} GiB) from {what}"
         )
     io = make_reader(reader, threads=io_threads)
-    store = ExpertStore(
-        root, index, io, slots=slots, split=cache_io_split, verify=verify, direct=direct_io
-    )
-    timer = Timing() if timing else None
-    parents: list[tuple[nn.Module, int]] = []
-
-    def get_classes(config: dict):
-        model_class, args_class = _get_classes(config)
-
-        class StreamingModel(model_class):
-            # Swap before load_model quantizes or loads anything: no [num_experts, ...] tensor
-            # is ever evaluated.
-            def __init__(self, args):
-                super().__init__(args)
-                parents.extend(
-                    _swap_switch_glus(
-                        self, lambda layer, glu: StreamingSwitchGLU(layer, glu, store, timer)
-                    )
-                )
-
-        StreamingModel.__name__ = model_class.__name__
-        return StreamingModel, args_class
-
-    model, config = load_model(root, get_model_classes=get_classes)
-    layers = sorted(layer for _, layer in parents)
-    expected = sorted(entry.layer for entry in index.layers)
-    if layers != expected:
-        raise LayoutError(
-            f"{root}: the model has MoE layers {layers} but the layout has {expected}"
+    try:
+        store = ExpertStore(
+            root, index, io, slots=slots, split=cache_io_split, verify=verify, direct=direct_io
         )
-    if k is not None:
-        if k != index.top_k:
-            print(
-                f"flashmoe: warning: routing {k} experts per token instead of {index.top_k}; "
-                "output will differ from the original model",
-                file=sys.stderr,
-            )
-        for parent, _ in parents:
-            if not hasattr(parent, "top_k"):
-                raise ValueError(f"{type(parent).__name__} has no top_k to override")
-            parent.top_k = k
+    except BaseException:
+        io.close()
+        raise
+    timer = Timing() if timing else None
+    try:
+        model, config = _build_model(root, index, store, timer, k)
+        tokenizer = load_tokenizer(root, eos_token_ids=config.get("eos_token_id", None))
+    except BaseException:
+        store.close()
+        raise
     set_limits(index.dense.size + slots * moe_layers * index.expert_bytes)
-    tokenizer = load_tokenizer(root, eos_token_ids=config.get("eos_token_id", None))
     model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note)
     if not quiet:
         print(f"flashmoe: {note}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,8 @@ class ExpertStore:
                 mx.eval(scratch)
                 self._pad = (memoryview(scratch).cast("B"),)
         self._fds: dict[int, int] = {}
+        # The store owns the reader and the layer fds: released by close() or when collected.
+        self._finalizer = weakref.finalize(self, _release, self._fds, reader)
         self._paths: dict[int, str] = {}
         self.banks: dict[int, ExpertBank] = {}
         # (layer, slot) -> per-chunk scatter buffers; built once, reused for every read.
@@ -118,7 +121,10 @@ class ExpertStore:
         chunks = self._chunk_cache.get(key)
         if chunks is None:
             buffers = bank.slot_buffers(slot) + self._pad
-            chunks = self._chunk_cache[key] = split_buffers(buffers, self.plan)
+            chunks = self._chunk_cache[key] = [
+                (start, bufs, sum(b.nbytes for b in bufs))
+                for start, bufs in split_buffers(buffers, self.plan)
+            ]
         return chunks
 
     def ensure(self, layer: int, experts: list[int]) -> ExpertBank:
@@ -135,21 +141,23 @@ class ExpertStore:
             )
             fd, path = self._fds[layer], self._paths[layer]
             record = self.index.record_size
-            requests = [
-                ReadRequest(fd, e * record + start, bufs, path)
-                for e, slot in misses
-                for start, bufs in self._chunks(layer, bank, slot)
-            ]
+            requests, nbytes = [], 0
+            for e, slot in misses:
+                for start, bufs, length in self._chunks(layer, bank, slot):
+                    requests.append(ReadRequest(fd, e * record + start, bufs, path))
+                    nbytes += length
             t0 = time.perf_counter()
+            batch = self.reader.submit(requests)
             try:
-                self.reader.read(requests)
+                batch.wait()
                 if self.verify:
                     self._check(layer, bank, misses)
             except BaseException:
+                _drain(batch)  # no read may still land in a slot we hand back
                 bank.abort(misses)
                 raise
             self.stats.io_seconds += time.perf_counter() - t0
-            self.stats.bytes_read += len(misses) * self.index.expert_bytes
+            self.stats.bytes_read += nbytes
         return bank
 
     def _check(self, layer: int, bank: ExpertBank, misses) -> None:
@@ -170,6 +178,24 @@ class ExpertStore:
         return np.array(sorted(bank.slot_of) if bank else [], dtype=np.int64)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Close the layer files and stop the reader (idempotent)."""
+        self._finalizer()
+
+
+def _release(fds: dict[int, int], reader) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+    reader.close()
+
+
+def _drain(batch) -> None:
+    """Wait until every read of ``batch`` has finished, whatever it raises (Ctrl-C included)."""
+    while True:
+        try:
+            batch.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+        except Exception:
+            return
