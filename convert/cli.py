@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..layouts import DEFAULT_ALIGNMENT, LayoutError
+from ..layouts.hub import error_line
 
 PROG = "flashmoe-convert"
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     except (ValueError, LayoutError) as e:  # ConvertError and LayoutError are ValueErrors
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _fail(error_line(e))
     except OSError as e:
         return _fail(f"{e.filename or '?'}: {e.strerror or e}")
     except KeyboardInterrupt:

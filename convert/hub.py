@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layouts import INDEX_FILE, Index, LayoutError
-from ..layouts.hub import HubError, check_repo_id, hub_error_message, progress_bars
+from ..layouts.hub import HubError, check_repo_id, error_line, hub_error_message, progress_bars
 
 PROG = "flashmoe-publish"
 README = "README.md"
@@ -280,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except (LayoutError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

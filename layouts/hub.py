@@ -60,13 +60,13 @@ def hub_error_message(e: BaseException, repo_id: str | None = None) -> str:
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         server = (e.server_message or "").strip().splitlines()
-        detail = server[0] if server else _first_line(e)
+        detail = server[0] if server else error_line(e)
         if status == 401:
             return f"{where}: the Hugging Face token was refused ({detail})"
         return f"{where}: HTTP {status}: {detail}" if status else f"{where}: {detail}"
     cause = e.__cause__ or e.__context__
     if isinstance(e, RuntimeError) and cause is not None:
-        return f"{_first_line(e)} ({hub_error_message(cause, repo_id)})"
+        return f"{error_line(e)} ({hub_error_message(cause, repo_id)})"
     name = type(e).__name__
     if name in (
         "ConnectError",
@@ -75,11 +75,12 @@ def hub_error_message(e: BaseException, repo_id: str | None = None) -> str:
         "RemoteProtocolError",
         "ReadError",
     ):
-        return f"{where}: connection to {constants.ENDPOINT} failed ({name}: {_first_line(e)})"
-    return _first_line(e)
+        return f"{where}: connection to {constants.ENDPOINT} failed ({name}: {error_line(e)})"
+    return error_line(e)
 
 
-def _first_line(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type name): the CLIs' one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

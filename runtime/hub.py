@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 
 from ..layouts import DENSE_FILE, EXPERTS_DIR, INDEX_FILE, LayoutError, read_index
-from ..layouts.hub import HubError, check_repo_id, hub_error_message, is_repo_id, progress_bars
+from ..layouts.hub import (
+    HubError,
+    check_repo_id,
+    error_line,
+    hub_error_message,
+    is_repo_id,
+    progress_bars,
+)
 
 PROG = "flashmoe-pull"
 #: What a layout repo may contain (FORMAT.md): index, dense file, layer files, copied files, card.
@@ -177,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except (LayoutError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
+        return 2
     print(root)
     return 0
 

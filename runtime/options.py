@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..layouts.hub import error_line as error_line  # re-exported for the CLIs
+
 
 def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
     """Add MODEL and the runtime's loading options (shared by flashmoe-run, -serve and -chat)."""
@@ -49,8 +51,3 @@ def load_options(args: argparse.Namespace) -> dict:
         direct_io=args.direct_io,
         revision=args.revision,
     )
-
-
-def error_line(e: BaseException) -> str:
-    """The first line of an exception's message (or its type name)."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -30,7 +30,7 @@ def run(module: str, *args, env: dict | None = None) -> subprocess.CompletedProc
 
 
 def one_line_error(r: subprocess.CompletedProcess, prog: str, *needles: str) -> str:
-    assert r.returncode != 0, r.stdout
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)  # as every flashmoe CLI
     assert "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), r.stderr
@@ -248,7 +248,7 @@ def test_tampered_file_on_hub_fails_naming_it(hub, tiny_layout):
     r = run("flashmoe.runtime.hub", REPO, "--quiet", env=hub.env)
     one_line_error(r, "flashmoe-pull", "experts/layer-002.bin", "sha256 mismatch")
     r = run("flashmoe.runtime.cli", REPO, "--max-tokens", "2", env=hub.env)
-    assert r.returncode != 0 and "experts/layer-002.bin" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "experts/layer-002.bin" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_local_change_after_verification_is_caught(hub, tiny_layout, tmp_path):
