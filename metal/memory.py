@@ -14,9 +14,9 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def kv_cache_bytes(text_config: dict, tokens: int, dtype_bytes: int = 2) -> int:
-    """An upper estimate of the KV cache for ``tokens`` tokens (full-attention layers) plus
-    the fixed-size recurrent state of linear-attention layers."""
+def kv_cache_bytes(text_config: dict, tokens: int, sequences: int = 1, dtype_bytes: int = 2) -> int:
+    """An upper estimate of the KV cache for ``tokens`` tokens in all (full-attention layers) plus
+    the fixed-size recurrent state of the linear-attention layers, once per sequence."""
     layers = text_config.get("num_hidden_layers", 0)
     interval = text_config.get("full_attention_interval", 1)
     full = layers // interval if interval else layers
@@ -34,7 +34,7 @@ def kv_cache_bytes(text_config: dict, tokens: int, dtype_bytes: int = 2) -> int:
         * text_config.get("linear_value_head_dim", 0)
         * 4
     )
-    return kv + state
+    return kv + state * sequences
 
 
 def slots_for_budget(

@@ -134,6 +134,7 @@ def load(
     direct_io: bool = False,
     timing: bool = False,
     max_kv_tokens: int = 8192,
+    kv_sequences: int = 1,
     revision: str | None = None,
     return_config: bool = False,
     quiet: bool = True,
@@ -145,6 +146,8 @@ def load(
     physical memory, capped at all experts). ``k`` overrides the number of routed experts per token
     (fewer changes the output). ``verify`` checks each expert read against the index checksums.
     ``direct_io`` reads experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
+    The budget reserves a KV cache of ``max_kv_tokens`` tokens in all, over ``kv_sequences``
+    concurrent sequences.
     """
     root = resolve_model_path(path_or_repo, revision=revision)
     index = read_index(root)
@@ -169,7 +172,7 @@ def load(
         slots = slots_for_budget(
             budget,
             dense_bytes=index.dense.size,
-            kv_bytes=kv_cache_bytes(tc, max_kv_tokens),
+            kv_bytes=kv_cache_bytes(tc, max_kv_tokens, kv_sequences),
             expert_bytes=index.expert_bytes,
             moe_layers=moe_layers,
             num_experts=index.num_experts,

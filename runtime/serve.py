@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import load
 
         model, tokenizer = load(
-            args.model, **load_options(args), max_kv_tokens=kv_tokens(args), quiet=False
+            args.model,
+            **load_options(args),
+            max_kv_tokens=kv_tokens(args),
+            kv_sequences=args.decode_concurrency,
+            quiet=False,
         )
         if args.bank_experts is None:
             print(f"{PROG}: {kv_note(args)}", file=sys.stderr, flush=True)
