@@ -116,9 +116,10 @@ class Tensor:
     lazy: mx.array | None = None
 
 
-def _plan(config: dict, dtype: mx.Dtype) -> tuple[list[Tensor], dict, int]:
+def _plan(config: dict, dtype: mx.Dtype, seed: int = 0) -> tuple[list[Tensor], dict, int]:
     """Tensors (in mlx-lm's parameter order), the quantized config and mlx-lm's parameter count."""
     model_class, args_class = lm_utils._get_classes(config)
+    mx.random.seed(seed)  # mlx-lm's init draws the small non-quantized tensors (A_log, conv1d)
     model = model_class(args_class.from_dict(copy.deepcopy(config)))
     float_shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     cast = getattr(model, "cast_predicate", lambda _: True)
@@ -219,7 +220,7 @@ def synthesize(
     gen = json.loads((out / "generation_config.json").read_text())
     eos = gen["eos_token_id"]
     config["text_config"]["eos_token_id"] = eos[-1]  # <|endoftext|> (248044 in the real vocabulary)
-    tensors, qconfig, nparams = _plan(config, target)
+    tensors, qconfig, nparams = _plan(config, target, seed)
     shards = _shards(tensors, int(shard_gb * (1 << 30)))
     fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
     weight_map = {}

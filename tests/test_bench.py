@@ -192,3 +192,13 @@ def test_pagecache_drop_and_residency(tmp_path):
     assert 0.0 <= pagecache.warm([f]) <= 1.0
     assert pagecache.drop([f]) < 0.5
     assert pagecache.resident_bytes(f)[1] == 1 << 20
+
+
+def test_synth_is_deterministic(tmp_path, tiny_preset):
+    from flashmoe.bench.synth import synthesize
+
+    a = synthesize(tmp_path / "a", tiny_preset, 4, vocab=512, progress=False)
+    b = synthesize(tmp_path / "b", tiny_preset, 4, vocab=512, progress=False)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    c = synthesize(tmp_path / "c", tiny_preset, 4, vocab=512, seed=1, progress=False)
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
