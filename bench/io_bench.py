@@ -18,10 +18,7 @@ Writes a JSON file (printed at the end) and a plain-text table.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -33,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from flashmoe.bench.pagecache import resident_fraction
 from flashmoe.layouts.plan import record_size, split_plan
 from flashmoe.runtime.reader import (
     advise_dontneed,
@@ -51,39 +49,6 @@ DEFAULT_FILE = "/tmp/flashmoe-io-bench.bin"
 DEFAULT_SIZE = 1200 * 7_077_888  # 8.49 GB: 1200 397B records = 4800 35B records
 
 # ---------------------------------------------------------------------------------- page cache
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-def resident_fraction(fd: int, offset: int = 0, length: int | None = None) -> float:
-    """Fraction of the pages of ``[offset, offset + length)`` in the page cache (mmap + mincore)."""
-    page = mmap.PAGESIZE
-    if length is None:
-        length = os.fstat(fd).st_size - offset
-    start = offset // page * page
-    span = offset + length - start
-    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        raise OSError(ctypes.get_errno(), "mmap failed")
-    try:
-        vec = np.zeros(-(-span // page), dtype=np.uint8)
-        if _libc.mincore(addr, span, vec.ctypes.data) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-    finally:
-        _libc.munmap(addr, span)
-    return float((vec & 1).mean())
 
 
 def drop_cache(fd: int) -> float:

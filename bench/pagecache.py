@@ -8,6 +8,8 @@ import mmap
 import os
 from pathlib import Path
 
+import numpy as np
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
@@ -94,3 +96,22 @@ def warm(files: list[Path], block: int = 8 << 20) -> float:
         finally:
             os.close(fd)
     return residency(files)
+
+
+def resident_fraction(fd: int, offset: int = 0, length: int | None = None) -> float:
+    """Fraction of the pages of ``[offset, offset + length)`` in the page cache (mmap + mincore)."""
+    page = mmap.PAGESIZE
+    if length is None:
+        length = os.fstat(fd).st_size - offset
+    start = offset // page * page
+    span = offset + length - start
+    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        raise OSError(ctypes.get_errno(), "mmap failed")
+    try:
+        vec = (ctypes.c_ubyte * -(-span // page))()
+        if _libc.mincore(addr, span, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+    finally:
+        _libc.munmap(addr, span)
+    return float((np.frombuffer(vec, dtype=np.uint8) & 1).mean())
