@@ -64,7 +64,8 @@ class ExpertBank:
 
     ``components`` is a list of ``(name, dtype, shape)`` in record order (dtype in safetensors
     spelling). ``assign(experts)`` makes room for a set of experts and returns which of them must be
-    read and into which slot; ``commit``/``abort`` mark those reads done or failed.
+    read and into which slot; ``abort`` takes back the slots of reads that failed. ``table`` (expert
+    -> slot, -1 when absent) is the one record of which expert sits where.
     """
 
     def __init__(
@@ -79,8 +80,6 @@ class ExpertBank:
         if slots < 1:
             raise ValueError("a bank needs at least one slot")
         self.slots = slots
-        self.names = [name for name, _, _ in components]
-        self.page_aligned = page_aligned
         self.arrays: list[mx.array] = [
             self._allocate((slots, *shape), _DTYPES[dtype], page_aligned)
             for _, dtype, shape in components
@@ -91,7 +90,6 @@ class ExpertBank:
         self._views = [memoryview(a).cast("B") for a in self.arrays]
         self.slot_nbytes = [v.nbytes // slots for v in self._views]
         self.policy = policy or LRUPolicy()
-        self.slot_of: dict[int, int] = {}  # resident expert -> slot
         self.free = list(range(slots - 1, -1, -1))  # stack; slot 0 used first
         self.table = np.full(num_experts, -1, dtype=np.int64)  # expert -> slot, -1 if absent
         self._pending: list[mx.array] = []
@@ -114,19 +112,20 @@ class ExpertBank:
         return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
     @property
+    def slot_of(self) -> dict[int, int]:
+        """Resident expert -> slot (derived from ``table``; for inspection, not the hot path)."""
+        return {int(e): int(self.table[e]) for e in np.flatnonzero(self.table >= 0)}
+
+    @property
     def complete(self) -> bool:
         """Every expert of the layer is resident: nothing will ever be read or evicted again."""
-        return len(self.slot_of) == self.table.size
+        return len(self.free) == 0 and self.slots == self.table.size
 
     def device_table(self) -> mx.array:
         """The expert -> slot table as an MLX array (for mapping ids without a sync)."""
         if self._device_table is None:
             self._device_table = mx.array(self.table.astype(np.uint32))
         return self._device_table
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self._views)
 
     def slot_buffers(self, slot: int) -> tuple[memoryview, ...]:
         """The nine destination views of ``slot``, in record order."""
@@ -146,18 +145,18 @@ class ExpertBank:
                 f"{len(experts)} experts needed at once, bank has {self.slots} slots"
             )
         needed = set(experts)
-        hits = [e for e in experts if e in self.slot_of]
-        missing = [e for e in experts if e not in self.slot_of]
+        resident = self.table[experts] >= 0
+        hits = [e for e, r in zip(experts, resident, strict=True) if r]
+        missing = [e for e, r in zip(experts, resident, strict=True) if not r]
         shortfall = len(missing) - len(self.free)
         if shortfall > 0:
             for victim in self.policy.victims(shortfall, needed):
-                self.free.append(self.slot_of.pop(victim))
+                self.free.append(int(self.table[victim]))
                 self.table[victim] = -1
                 self.policy.remove(victim)
         misses = []
         for e in missing:
             slot = self.free.pop()
-            self.slot_of[e] = slot
             self.table[e] = slot
             misses.append((e, slot))
         self.policy.touch(experts)
@@ -168,9 +167,9 @@ class ExpertBank:
     def abort(self, misses: list[tuple[int, int]]) -> None:
         """Forget experts whose reads failed: their slots hold garbage and go back to the free list."""
         for e, slot in misses:
-            if self.slot_of.get(e) == slot:
-                del self.slot_of[e]
+            if self.table[e] == slot:
                 self.table[e] = -1
+                self._device_table = None
                 self.policy.remove(e)
                 self.free.append(slot)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from ..layouts import Index, safe_relative_path
 from ..metal.bank import ExpertBank
@@ -172,10 +171,6 @@ class ExpertStore:
                 raise ValueError(
                     f"{self._paths[layer]}: checksum mismatch for expert {e} of layer {layer}"
                 )
-
-    def resident(self, layer: int) -> np.ndarray:
-        bank = self.banks.get(layer)
-        return np.array(sorted(bank.slot_of) if bank else [], dtype=np.int64)
 
     def close(self) -> None:
         """Close the layer files and stop the reader (idempotent)."""

@@ -136,10 +136,9 @@ class StreamingSwitchGLU(nn.Module):
         outs = []
         for rows, ids in groups:
             take = mx.array(np.array(rows, dtype=np.uint32))
-            out = self._compute(xs[take], flat[rows], np.array(sorted(ids)))
-            # The next group may overwrite slots this group reads (see the bank's ordering rule).
-            self._store.bank(self.layer).fence()
-            outs.append(out)
+            # The next group may overwrite slots this group reads: ``ensure`` fences the bank
+            # (evaluates this group's output) before it writes (see the bank's ordering rule).
+            outs.append(self._compute(xs[take], flat[rows], np.array(sorted(ids))))
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         out = mx.concatenate(outs, axis=0)[mx.array(inverse.astype(np.uint32))]
