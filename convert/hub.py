@@ -16,8 +16,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..layouts import INDEX_FILE, Index, LayoutError
-from ..layouts.hub import HubError, check_repo_id, error_line, hub_error_message, progress_bars
+from ..layouts import INDEX_FILE, Index
+from ..layouts.hub import (
+    HubError,
+    check_repo_id,
+    hub_error_message,
+    progress_bars,
+    run_transfer_command,
+)
 
 PROG = "flashmoe-publish"
 README = "README.md"
@@ -266,8 +272,9 @@ def add_publish_options(p: argparse.ArgumentParser, *, with_repo: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        publish(
+    return run_transfer_command(
+        PROG,
+        lambda: publish(
             args.layout,
             args.repo_id,
             private=args.private,
@@ -275,14 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             commit_message=args.commit_message,
             dry_run=args.dry_run,
             progress=not args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except (LayoutError, OSError, ValueError) as e:
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .index import LayoutError
@@ -83,6 +84,20 @@ def error_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type name): the CLIs' one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_transfer_command(prog: str, action: Callable[[], object]) -> int:
+    """Run a resumable Hub transfer (publish, pull): 0 on success, a one-line error and 2 on
+    failure, 130 with a hint to resume on Ctrl-C."""
+    try:
+        action()
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (LayoutError, OSError, ValueError) as e:
+        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @contextmanager

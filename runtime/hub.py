@@ -15,14 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..layouts import DENSE_FILE, EXPERTS_DIR, INDEX_FILE, LayoutError, read_index
+from ..layouts import DENSE_FILE, EXPERTS_DIR, INDEX_FILE, read_index
 from ..layouts.hub import (
     HubError,
     check_repo_id,
-    error_line,
     hub_error_message,
     is_repo_id,
     progress_bars,
+    run_transfer_command,
 )
 
 PROG = "flashmoe-pull"
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def pull_and_print() -> None:
         root = pull(
             args.repo_id,
             revision=args.revision,
@@ -180,14 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             verify=not args.no_verify,
             progress=not args.quiet,
         )
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except (LayoutError, OSError, ValueError) as e:
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
-    print(root)
-    return 0
+        print(root)
+
+    return run_transfer_command(PROG, pull_and_print)
 
 
 if __name__ == "__main__":
