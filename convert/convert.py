@@ -25,10 +25,11 @@ from ..layouts import (
 )
 from ..layouts.card import model_card
 from ..layouts.plan import all_split_plans, check_alignment
-from ..layouts.verify import verify_layout
+from ..layouts.verify import spot_check_layout
 from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
 from .geometry import ExpertPlan, plan_experts
+from .lock import output_lock
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
 from .source import Source, aux_files, cached_sha256, resolve_source
 from .state import ConversionState, has_index, is_empty_output
@@ -218,11 +219,12 @@ def _source_mismatch(index: Index, source: dict, alignment: int) -> str | None:
 
 
 def _prepare_output(out: Path, fingerprint: dict, source: dict, alignment: int):
-    """``(state, None)`` to (re)start, or ``(None, index)`` if ``out`` already holds this layout.
+    """``(state, None)`` to (re)start, or ``(None, (index, checked))`` if ``out`` already holds
+    this layout (``checked`` says what was checked).
 
     A finished layout counts only if its index records this very source (same files, sizes and
-    sha256, or modification times where no sha256 is known) and alignment, and its files are all
-    there with their sizes; otherwise it is left alone and the conversion refused.
+    sha256, or modification times where no sha256 is known) and alignment, and it passes
+    ``spot_check_layout``; otherwise it is left alone and the conversion refused.
     """
     if is_empty_output(out):
         return ConversionState.begin(out, fingerprint), None
@@ -243,14 +245,14 @@ def _prepare_output(out: Path, fingerprint: dict, source: dict, alignment: int):
                     "refusing to overwrite it: delete it or choose another output directory",
                 )
             try:
-                verify_layout(out, checksums=False)
+                checked = spot_check_layout(out, index)
             except LayoutError as e:
                 raise ConvertError(
                     out,
                     f"holds a finished layout of this source that is damaged ({e}); "
                     "delete it or choose another output directory",
                 ) from None
-            return None, index
+            return None, (index, checked)
     raise ConvertError(
         out,
         "output directory is not empty and holds no conversion of this source with these options "
@@ -360,16 +362,54 @@ def convert_checkpoint(
     workers = workers or min(4, os.cpu_count() or 2)
 
     try:
-        state, existing = _prepare_output(out, fingerprint, source_block, alignment)
+        with output_lock(out):  # a second conversion into ``out`` fails here, at once
+            state, existing = _prepare_output(out, fingerprint, source_block, alignment)
+            if existing is not None:
+                index, checked = existing
+                if progress:
+                    print(f"{out}: already converted ({checked})", file=sys.stderr)
+                if verify:
+                    _verify_against_source(
+                        source.path, out, plan, aux, alignment, workers, progress
+                    )
+                return index
+            try:
+                return _write_layout(
+                    state,
+                    source,
+                    ckpt,
+                    plan,
+                    aux,
+                    source_block,
+                    alignment,
+                    workers,
+                    verify,
+                    progress,
+                    _check_free_space,
+                )
+            except BaseException:
+                if state.fresh and not state.any_finished():
+                    state.discard()
+                raise
     except OSError as e:
         raise os_error(e, out) from None
-    if existing is not None:
-        if progress:
-            print(f"{out}: already converted", file=sys.stderr)
-        if verify:
-            _verify_against_source(source.path, out, plan, aux, alignment, workers, progress)
-        return existing
 
+
+def _write_layout(
+    state: ConversionState,
+    source: Source,
+    ckpt: Checkpoint,
+    plan: ExpertPlan,
+    aux: list[str],
+    source_block: dict,
+    alignment: int,
+    workers: int,
+    verify: bool,
+    progress: bool,
+    check_free_space: bool,
+) -> Index:
+    """Write (or finish) the layout in ``state.out``; the caller holds the output lock."""
+    out = state.out
     tasks = _tasks(source.path, out, plan, aux, alignment)
     records = {t.name: state.finished(t.name) for t in tasks}
     pending = [t for t in tasks if records[t.name] is None]
@@ -378,7 +418,7 @@ def convert_checkpoint(
     needed = sum(t.size for t in tasks)
     try:
         (out / EXPERTS_DIR).mkdir(exist_ok=True)
-        if _check_free_space:
+        if check_free_space:
             _check_space(out, tasks, pending)
         bar = _progress_bar(
             progress,

@@ -13,9 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..layouts import INDEX_FILE
+from ..layouts import EXPERTS_DIR, INDEX_FILE
 from .errors import ConvertError
 from .fileio import fsync_dir
+from .lock import LOCK_FILE
 
 STATE_DIR = ".flashmoe-convert"
 _TMP_STATE = STATE_DIR + ".tmp"
@@ -35,9 +36,10 @@ def _record_name(name: str) -> str:
 
 
 class ConversionState:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, fresh: bool = False) -> None:
         self.out = out
         self.dir = out / STATE_DIR
+        self.fresh = fresh  # begun by this run in an empty directory
 
     @classmethod
     def begin(cls, out: Path, fingerprint: dict) -> ConversionState:
@@ -49,7 +51,7 @@ class ConversionState:
         _write_json(tmp / "source.json", fingerprint)
         os.replace(tmp, out / STATE_DIR)
         fsync_dir(out)
-        return cls(out)
+        return cls(out, fresh=True)
 
     @classmethod
     def resume(cls, out: Path, fingerprint: dict) -> ConversionState | None:
@@ -86,14 +88,34 @@ class ConversionState:
         shutil.rmtree(self.dir, ignore_errors=True)
         fsync_dir(self.out)
 
+    def any_finished(self) -> bool:
+        try:
+            return any((self.dir / "done").iterdir())
+        except OSError:
+            return False
+
+    def discard(self) -> None:
+        """Undo a fresh run that finished no file: the directory is empty again, so a retry
+        (with any options) starts over instead of being refused as another conversion."""
+        self.remove()
+        for d in (self.out, self.out / EXPERTS_DIR):
+            for p in d.glob("*.partial"):
+                p.unlink(missing_ok=True)
+        (self.out / (INDEX_FILE + ".tmp")).unlink(missing_ok=True)
+        try:
+            (self.out / EXPERTS_DIR).rmdir()
+        except OSError:
+            pass
+
 
 def is_empty_output(out: Path) -> bool:
-    """True if ``out`` is missing or holds nothing but a state directory that never got started."""
+    """True if ``out`` is missing or holds nothing but a state directory that never got started
+    (and the lock file of the run asking)."""
     if not out.exists():
         return True
     if not out.is_dir():
         raise ConvertError(out, "exists and is not a directory")
-    return all(p.name == _TMP_STATE for p in out.iterdir())
+    return all(p.name in (_TMP_STATE, LOCK_FILE) for p in out.iterdir())
 
 
 def has_index(out: Path) -> bool:
