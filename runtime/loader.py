@@ -43,7 +43,9 @@ class Runtime:
     budget_note: str
 
     def close(self) -> None:
-        """Close the layer files and stop the reader; the model cannot stream afterwards."""
+        """Close the layer files, the routing trace and the reader; no streaming afterwards."""
+        if getattr(self.store, "trace", None) is not None:
+            self.store.trace.close()
         self.store.close()
 
 
@@ -138,6 +140,7 @@ def load(
     revision: str | None = None,
     return_config: bool = False,
     quiet: bool = True,
+    trace: str | Path | None = None,
 ):
     """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
 
@@ -147,7 +150,8 @@ def load(
     (fewer changes the output). ``verify`` checks each expert read against the index checksums.
     ``direct_io`` reads experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
     The budget reserves a KV cache of ``max_kv_tokens`` tokens in all, over ``kv_sequences``
-    concurrent sequences.
+    concurrent sequences. ``trace`` records the routing of every MoE layer call to that file
+    (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
     """
     root = resolve_model_path(path_or_repo, revision=revision)
     index = read_index(root)
@@ -199,9 +203,24 @@ def load(
         store.close()
         raise
     set_limits(index.dense.size + slots * moe_layers * index.expert_bytes)
+    try:
+        store.trace = _trace_writer(trace, root, index, slots, top_k) if trace else None
+    except BaseException:
+        store.close()
+        raise
     model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note)
     if not quiet:
         print(f"flashmoe: {note}", file=sys.stderr)
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _trace_writer(path, root: Path, index: Index, slots: int, top_k: int):
+    from .trace import TraceWriter
+
+    meta = {"model": root.name, "slots": slots, "expert_bytes": index.expert_bytes}
+    layers = max(entry.layer for entry in index.layers) + 1
+    return TraceWriter(
+        path, num_layers=layers, num_experts=index.num_experts, top_k=top_k, meta=meta
+    )

@@ -36,6 +36,12 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         help="read experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)",
     )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
+    s.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="record the routed experts of every MoE layer call to FILE (flashmoe-bench policy)",
+    )
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -50,4 +56,5 @@ def load_options(args: argparse.Namespace) -> dict:
         verify=args.verify,
         direct_io=args.direct_io,
         revision=args.revision,
+        trace=getattr(args, "trace", None),
     )

@@ -85,3 +85,20 @@ def test_size_of_a_long_skewed_trace(tmp_path):
     per_row = path.stat().st_size / rows
     assert per_row < 6.0, per_row  # vs 20 B raw; 100k tokens x 60 layers: < 36 MB
     assert read_trace(path).layers[0].experts.shape == (rows, k)
+
+
+def test_load_attaches_a_trace_writer(layout, tmp_path):
+    from flashmoe.runtime import load
+
+    _, root = layout()
+    model, _ = load(str(root))
+    assert model.flashmoe.store.trace is None
+    model.flashmoe.close()
+    path = tmp_path / "run.fmt"
+    model, _ = load(str(root), trace=path)
+    writer = model.flashmoe.store.trace
+    assert isinstance(writer, TraceWriter) and writer.top_k == model.flashmoe.top_k
+    writer.record(0, np.arange(writer.top_k)[None], np.zeros((1, writer.top_k), bool))
+    model.flashmoe.close()
+    t = read_trace(path)
+    assert t.meta["slots"] == model.flashmoe.slots and t.layers[0].experts.shape[0] == 1
