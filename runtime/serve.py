@@ -16,15 +16,18 @@ import argparse
 import ipaddress
 import json
 import logging
+import re
 import select
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from .options import add_runtime_options, error_line, load_options
+from .request_checks import check_logit_bias, check_request
 
 PROG = "flashmoe-serve"
 MiB = 1 << 20
@@ -42,9 +45,20 @@ class RequestRejected(ValueError):
         self.status = status
 
 
+class GenerationFailed(RuntimeError):
+    """The generation step serving a request raised (an expert read error, ...); the server
+    fails the requests in flight and keeps serving."""
+
+
+_CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def _status_for(e: Exception) -> int:
     if isinstance(e, RequestRejected):
         return e.status
+    if isinstance(e, GenerationFailed):
+        return 500
     if isinstance(e, RuntimeError) and "generation thread died" in str(e):
         return 503
     return 400  # the prompt could not be built from the request (messages, template, ...)
@@ -98,6 +112,8 @@ def _server_classes():
             super().__init__(cli_args)
             self._pair = (model, tokenizer)
             self.runtime = model.flashmoe
+            config = self.runtime.index.config
+            self.vocab_size = int(config.get("text_config", config)["vocab_size"])
             p = Path(cli_args.model).expanduser()
             self.names = {"default_model", cli_args.model, p.name}
             if p.exists():
@@ -114,6 +130,55 @@ def _server_classes():
             self.is_batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
 
     class FlashmoeResponseGenerator(ResponseGenerator):
+        """Stock generation loop, restarted when a step raises: the requests it had taken fail
+        with GenerationFailed, later ones are served. Three failures in a row that took no
+        request mean the loop cannot run: ``on_fatal`` is called (the server shuts down and
+        exits non-zero rather than answer 503 forever)."""
+
+        def __init__(self, *args, on_fatal: Callable[[BaseException], None] | None = None):
+            self._taken: weakref.WeakSet = weakref.WeakSet()  # response queues of taken requests
+            self._taken_lock = threading.Lock()
+            self.on_fatal = on_fatal
+            self.fatal: BaseException | None = None
+            super().__init__(*args)
+
+        def _next_request(self, timeout=None):
+            item = super()._next_request(timeout)
+            if item is not None:
+                with self._taken_lock:
+                    self._taken.add(item[0])
+            return item
+
+        def _fail_taken(self, e: BaseException) -> int:
+            with self._taken_lock:
+                queues = list(self._taken)
+                self._taken = weakref.WeakSet()
+            err = GenerationFailed(f"generation failed: {error_line(e)}")
+            for q in queues:
+                q.put(err)  # a request already answered has stopped reading: ignored
+            return len(queues)
+
+        def _run_generate(self):
+            idle_failures = 0
+            while not self._stop:
+                try:
+                    self._generate()
+                    return
+                except Exception as e:
+                    failed = self._fail_taken(e)
+                    logging.error(
+                        "generation failed (%s); %d request(s) failed, serving on",
+                        error_line(e),
+                        failed,
+                    )
+                    idle_failures = 0 if failed else idle_failures + 1
+                    if idle_failures >= 3:
+                        self.fatal = e
+                        self._generation_failed = True
+                        if self.on_fatal is not None:
+                            self.on_fatal(e)
+                        return
+
         def _tokenize(self, tokenizer, request, args):
             out = super()._tokenize(tokenizer, request, args)
             n, limit = len(out[0]), self.cli_args.max_prompt_tokens
@@ -152,10 +217,12 @@ def _server_classes():
         def do_POST(self):
             self._begin()
             limit = self.response_generator.cli_args.max_request_bytes
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                length = 0  # the stock handler answers 400
+            values = self.headers.get_all("Content-Length") or []
+            if len(values) > 1 or (values and not _DIGITS.fullmatch(values[0].strip())):
+                self.close_connection = True  # the body is not read: its length is unknown
+                self._reply(400, {"error": "Content-Length must be one non-negative integer"})
+                return
+            length = int(values[0]) if values else 0
             if length > limit:
                 self._discard_body(length)
                 self._reply(413, {"error": f"request body over {limit} bytes"})
@@ -165,6 +232,18 @@ def _server_classes():
             except ConnectionError:
                 logging.info("client disconnected; its generation was stopped")
                 self.close_connection = True
+            except GenerationFailed as e:
+                self._fail_response(e)
+
+        def _fail_response(self, e: GenerationFailed) -> None:
+            """Answer a request whose generation failed: 500, or an error event once streaming."""
+            self.close_connection = True
+            if getattr(self, "stream", False):
+                self.wfile.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+                self.wfile.flush()
+            else:
+                self._headers_buffer = []  # the 200 status line was buffered, not sent
+                self._reply(500, {"error": str(e)})
 
         def do_GET(self):
             self._begin()
@@ -216,7 +295,10 @@ def _server_classes():
             super()._set_completion_headers(status_code)
 
         def validate_model_parameters(self) -> None:
+            vocab = self.response_generator.model_provider.vocab_size
+            self.logit_bias = check_logit_bias(self.logit_bias, vocab)
             super().validate_model_parameters()
+            check_request(self, self.body, self.path in _CHAT_PATHS, vocab)
             cli = self.response_generator.cli_args
             if self.max_tokens > cli.max_tokens_limit:
                 raise ValueError(
@@ -338,20 +420,36 @@ def kv_note(args: argparse.Namespace) -> str:
     )
 
 
+def resolve_address(host: str, port: int) -> tuple[int, tuple]:
+    """``(family, address)`` to bind ``host:port``; ValueError (one line) if it does not resolve."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: {getattr(e, 'strerror', None) or e}") from None
+    return family, address
+
+
 def make_server(args: argparse.Namespace, model, tokenizer):
     """An HTTP server (not yet serving) and its response generator for a loaded pair."""
     from mlx_lm.models.cache import LRUPromptCache
     from mlx_lm.server import get_system_fingerprint
 
+    # Before the generation thread starts: a bad --host must not leave it running.
+    family, address = resolve_address(args.host, args.port)
     provider_cls, generator_cls, handler_cls = _server_classes()
     cli_args = argparse.Namespace(**{**_FIXED, **vars(args)})
     provider = provider_cls(cli_args, model, tokenizer)
-    generator = generator_cls(provider, LRUPromptCache(cli_args.prompt_cache_size))
-    fingerprint = get_system_fingerprint()
+    httpd = None
 
-    family, _, _, _, address = socket.getaddrinfo(
-        args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    def fatal(e: BaseException) -> None:
+        logging.critical("generation cannot run (%s); shutting down", error_line(e))
+        if httpd is not None:
+            threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    generator = generator_cls(provider, LRUPromptCache(cli_args.prompt_cache_size), on_fatal=fatal)
+    fingerprint = get_system_fingerprint()
 
     class Server(ThreadingHTTPServer):
         address_family = family
@@ -365,6 +463,9 @@ def make_server(args: argparse.Namespace, model, tokenizer):
     except BaseException:
         generator.stop_and_join()
         raise
+    if generator.fatal is not None:  # it failed before the server existed to shut down
+        httpd.server_close()
+        raise RuntimeError(f"generation cannot run: {error_line(generator.fatal)}")
     return httpd, generator
 
 
@@ -375,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _check(args)
+        resolve_address(args.host, args.port)  # fail before loading the model
         if not is_loopback(args.host):
             print(
                 f"{PROG}: warning: binding to {args.host} exposes the server to the network; "
@@ -407,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         httpd.server_close()
         generator.stop_and_join()
+    if generator.fatal is not None:
+        print(f"{PROG}: error: generation failed: {error_line(generator.fatal)}", file=sys.stderr)
+        return 1
     return 0
 
 
