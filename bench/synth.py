@@ -27,6 +27,7 @@ import mlx_lm.utils as lm_utils
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .checkpoints import write_tokenizer
+from .routing import PROFILES, RoutingDesign
 
 GEOMETRY = {
     # hidden, heads, kv heads, experts, top-k, moe I, shared I, GDN key heads, value heads
@@ -35,6 +36,7 @@ GEOMETRY = {
     "qwen3.5-35b": (2048, 16, 2, 256, 8, 512, 512, 16, 32, 40),
 }
 PRESETS = tuple(GEOMETRY)
+ROUTINGS = ("realistic", "uniform")
 REAL_VOCAB = 248320
 CHUNK_FLOATS = 16 << 20  # float32 values drawn per chunk (64 MiB)
 
@@ -154,7 +156,9 @@ def _uniform(name: str, shape: tuple[int, ...], bound: float, seed: int, chunk: 
     return mx.random.uniform(-bound, bound, shape, key=key)
 
 
-def _draw_quantized(t: Tensor, scale_dtype: mx.Dtype, seed: int) -> dict[str, mx.array]:
+def _draw_quantized(
+    t: Tensor, scale_dtype: mx.Dtype, seed: int, design: RoutingDesign | None = None
+) -> dict[str, mx.array]:
     """weight/scales/biases of a quantized module, drawn and quantized in row chunks."""
     shape = t.float_shape
     assert shape is not None and t.quant is not None
@@ -170,6 +174,8 @@ def _draw_quantized(t: Tensor, scale_dtype: mx.Dtype, seed: int) -> dict[str, mx
     for i, start in enumerate(range(0, rows, step)):
         n = min(step, rows - start)
         w = _uniform(module, (n, *shape[1:]), bound, seed, i)
+        if design is not None:
+            w = design.adjust(module, start, w)
         wq, s, b = mx.quantize(w, group_size=group, bits=bits)
         s, b = s.astype(scale_dtype), b.astype(scale_dtype)
         mx.eval(wq, s, b)
@@ -207,14 +213,28 @@ def synthesize(
     seed: int = 0,
     shard_gb: float = 5.0,
     progress: bool = True,
+    routing: str = "realistic",
+    config: dict | None = None,
 ) -> Path:
-    """Write a synthetic checkpoint of ``preset`` with ``layers`` layers to ``out``; return it."""
+    """Write a synthetic checkpoint of ``preset`` with ``layers`` layers to ``out``; return it.
+
+    ``routing="realistic"`` designs the routers for the preset's published routing statistics
+    (``bench.routing``); ``"uniform"`` leaves them random (near-uniform routing). ``config``
+    replaces the preset's config.json (tests use tiny ones; routing still follows ``preset``).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not hasattr(mx, dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     target = getattr(mx, dtype)
-    config = preset_config(preset, layers, vocab)
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r} (known: {', '.join(ROUTINGS)})")
+    config = copy.deepcopy(config) if config else preset_config(preset, layers, vocab)
+    text = config.get("text_config", config)
+    design = None
+    if routing == "realistic":
+        profile = PROFILES.get(preset, PROFILES["qwen3.5-397b"])
+        design = RoutingDesign(profile, text["num_experts"], text["hidden_size"], seed)
     tok_dir = out
     write_tokenizer(tok_dir, vocab_size=min(vocab, 4096))
     gen = json.loads((out / "generation_config.json").read_text())
@@ -233,10 +253,12 @@ def synthesize(
             if t.name in arrays:
                 continue
             if t.quant is not None:
-                drawn = _draw_quantized(t, target, seed)
+                drawn = _draw_quantized(t, target, seed, design)
                 arrays.update({k: v for k, v in drawn.items() if k in wanted})
             else:
                 assert t.lazy is not None
+                if design is not None:
+                    t.lazy = design.norm(t.name, t.lazy)
                 mx.eval(t.lazy)
                 arrays[t.name] = t.lazy
                 t.lazy = None
@@ -290,6 +312,13 @@ def add_arguments(p) -> None:
         "on MLX CPU)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default="realistic",
+        help="realistic: routers reproduce the published expert popularity (LRU hit rates); "
+        "uniform: random routers (a bank of X%% hits ~X%%)",
+    )
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size (mlx-lm: 5)")
     p.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
     p.add_argument("--layout", help="converted layout directory (default OUT.layout)")
@@ -317,6 +346,7 @@ def run(args) -> int:
             seed=args.seed,
             shard_gb=args.shard_gb,
             progress=not args.quiet,
+            routing=args.routing,
         )
     except ValueError as e:
         raise BenchError(str(e)) from None
