@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     io_bench.add_arguments(io)
     io.set_defaults(func=io_bench.run)
 
-    from . import ppl, runtime_bench, sweep, synth
+    from . import policy, ppl, runtime_bench, sweep, synth
 
     for name, module, text in (
         ("synth", synth, "synthetic checkpoint with real Qwen3.5 layer geometry, then converted"),
         ("sweep", sweep, "decode tok/s and expert I/O across cache-io-split (cold/warm, capped)"),
         ("runtime", runtime_bench, "flashmoe vs stock mlx-lm: full bank, 25%% bank, peak RSS"),
         ("ppl", ppl, "perplexity with flashmoe and mlx-lm (must agree) and at reduced k"),
+        ("policy", policy, "replay routing traces through expert-bank policies (hit rate, MB/token)"),
     ):
         sp = sub.add_parser(name, help=text, description=module.__doc__.splitlines()[0])
         module.add_arguments(sp)

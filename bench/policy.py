@@ -1,0 +1,327 @@
+"""``flashmoe-bench policy``: replay routing traces through expert-bank policies, offline.
+
+Each step (one call per MoE layer: a decode token, or a prefill chunk) needs its distinct experts
+resident at once, as in the runtime: hits are the needed experts already resident, misses are read
+(``expert_bytes`` each) after evicting the policy's victims among the experts the step does not
+need. All layers of a step are replayed together, vectorized over layers, so 100k tokens x 60
+layers take seconds per policy and budget rather than minutes.
+
+Policies: ``lru`` (the runtime's today), ``lfu`` (frequency halved every ``AGE_STEPS`` steps, ties
+by recency), ``lfuda`` (LFU with dynamic ageing), ``pin`` (the most used experts of the trace pinned
+in half of the slots, LRU in the rest: an oracle profile, an upper bound for a profiled pin),
+``belady`` (evict the expert used again farthest in the future: the ceiling). Each runs with equal
+per-layer banks (``layer``) and with one budget shared by all layers (``global``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.trace import Trace, read_trace
+
+GiB = 1 << 30
+POLICIES = ("lru", "lfu", "lfuda", "pin", "belady")
+SCOPES = ("layer", "global")
+AGE_STEPS = 256  # lfu halves every count this often
+PIN_FRACTION = 0.5
+NEVER = np.inf
+
+
+@dataclass
+class Demand:
+    """A trace as steps: the distinct (layer, expert) pairs each step needs, in step order."""
+
+    num_layers: int
+    num_experts: int
+    ptr: np.ndarray  # step s needs pairs ptr[s]:ptr[s + 1]
+    layer: np.ndarray
+    expert: np.ndarray
+    next_use: np.ndarray  # step at which the same (layer, expert) is needed next (inf: never)
+    tokens: int
+    layers: list[int]
+    max_need: int  # most distinct experts one step needs in one layer
+
+    @property
+    def steps(self) -> int:
+        return self.ptr.size - 1
+
+
+def demand(trace: Trace) -> Demand:
+    layers = sorted(trace.layers)
+    E = trace.num_experts
+    L = max(layers) + 1
+    keys = []
+    for layer in layers:
+        t = trace.layers[layer]
+        step = np.repeat(t.step.astype(np.int64), t.experts.shape[1])
+        keys.append((step * L + layer) * E + t.experts.ravel().astype(np.int64))
+    key = np.unique(np.concatenate(keys))  # sorted by step, then layer, then expert
+    step, pair = np.divmod(key, L * E)
+    layer, expert = np.divmod(pair, E)
+    steps = int(step[-1]) + 1 if key.size else 0
+    ptr = np.searchsorted(step, np.arange(steps + 1))
+    order = np.lexsort((step, pair))  # by pair, then step: the next use is the next entry
+    nxt = np.full(key.size, NEVER)
+    same = pair[order[1:]] == pair[order[:-1]]
+    nxt[order[:-1][same]] = step[order[1:]][same]
+    tokens = trace.layers[layers[0]].experts.shape[0] if layers else 0
+    need = int(np.bincount(step * L + layer).max()) if key.size else 0
+    return Demand(L, E, ptr, layer, expert, nxt, tokens, layers, need)
+
+
+@dataclass
+class Result:
+    policy: str
+    scope: str
+    slots: int  # in all layers
+    hits: int
+    misses: int
+    hit_rate: float
+    mb_per_token: float
+
+
+def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) -> Result:
+    """Replay ``d`` through ``policy`` with ``slots`` expert slots in all (``scope`` decides how
+    they are split: equal per-layer banks, or one pool)."""
+    if policy not in POLICIES or scope not in SCOPES:
+        raise ValueError(f"unknown policy/scope {policy}/{scope}")
+    L, E = d.num_layers, d.num_experts
+    n_layers = len(d.layers)
+    per_layer = slots // n_layers
+    resident = np.zeros((L, E), dtype=bool)
+    prio = np.zeros((L, E))  # evict the lowest
+    count = np.zeros((L, E))
+    last = np.zeros((L, E))  # lfu's tie-break: recency
+    clock = np.zeros(L if scope == "layer" else 1)
+    occupancy = np.zeros(L, dtype=np.int64)
+    capacity = np.zeros(L, dtype=np.int64)
+    capacity[d.layers] = per_layer
+    if policy == "pin":
+        pinned = _pinned(d, slots, scope)
+        resident |= pinned
+        occupancy += pinned.sum(axis=1)
+        prio[pinned] = NEVER
+    tie = 1e-3 / (d.steps + 1)
+    hits = misses = 0
+    for s in range(d.steps):
+        a, b = d.ptr[s], d.ptr[s + 1]
+        lay, exp = d.layer[a:b], d.expert[a:b]
+        hit = resident[lay, exp]
+        h = int(hit.sum())
+        hits += h
+        if h < hit.size:
+            miss_l, miss_e = lay[~hit], exp[~hit]
+            misses += miss_l.size
+            saved = prio[lay, exp]
+            prio[lay, exp] = NEVER  # the step's experts are never victims
+            if scope == "layer":
+                need = np.bincount(miss_l, minlength=L)
+                evicted = _evict_per_layer(prio, resident, occupancy + need - capacity)
+            else:
+                evicted = _evict_global(prio, resident, occupancy.sum() + miss_l.size - slots)
+            prio[lay, exp] = saved
+            if evicted is not None:
+                el, ee = evicted
+                resident[el, ee] = False
+                np.subtract.at(occupancy, el, 1)
+                if policy == "lfuda":  # the clock moves to the priority of the last victim
+                    if scope == "layer":
+                        np.maximum.at(clock, el, prio[el, ee])
+                    else:
+                        clock[0] = max(clock[0], prio[el, ee].max())
+                count[el, ee] = 0
+            resident[miss_l, miss_e] = True
+            np.add.at(occupancy, miss_l, 1)
+        # priorities of the step's experts (pinned ones stay at NEVER)
+        if policy in ("lru", "pin"):
+            keep = prio[lay, exp] != NEVER
+            prio[lay[keep], exp[keep]] = s
+        elif policy == "lfu":
+            count[lay, exp] += 1
+            last[lay, exp] = s
+            prio[lay, exp] = count[lay, exp] + last[lay, exp] * tie
+            if (s + 1) % AGE_STEPS == 0:
+                count *= 0.5
+                prio[resident] = count[resident] + last[resident] * tie
+        elif policy == "lfuda":
+            count[lay, exp] += 1
+            prio[lay, exp] = count[lay, exp] + (clock[lay] if scope == "layer" else clock[0])
+        else:  # belady: the farthest next use is evicted first
+            prio[lay, exp] = -d.next_use[a:b]
+    total = hits + misses
+    return Result(
+        policy,
+        scope,
+        slots,
+        hits,
+        misses,
+        hits / total if total else 0.0,
+        misses * expert_bytes / max(d.tokens, 1) / 1e6,
+    )
+
+
+def _evict_per_layer(prio: np.ndarray, resident: np.ndarray, over: np.ndarray):
+    rows = np.flatnonzero(over > 0)
+    if rows.size == 0:
+        return None
+    counts = over[rows]
+    p = np.where(resident[rows], prio[rows], np.inf)
+    m = int(counts.max())
+    cand = np.argpartition(p, m - 1, axis=1)[:, :m]
+    cand = np.take_along_axis(cand, np.argsort(np.take_along_axis(p, cand, 1), axis=1), 1)
+    take = np.arange(m)[None, :] < counts[:, None]
+    el = np.repeat(rows, counts)
+    ee = cand[take]
+    if (p[np.repeat(np.arange(rows.size), counts), ee] == np.inf).any():
+        raise ValueError("a step needs more experts than its layer's bank has slots")
+    return el, ee
+
+
+def _evict_global(prio: np.ndarray, resident: np.ndarray, over: int):
+    if over <= 0:
+        return None
+    p = np.where(resident, prio, np.inf).ravel()
+    flat = np.argpartition(p, over - 1)[:over]
+    if (p[flat] == np.inf).any():
+        raise ValueError("a step needs more experts than the budget has slots")
+    return np.divmod(flat, prio.shape[1])
+
+
+def _pinned(d: Demand, slots: int, scope: str) -> np.ndarray:
+    """The most used experts (per layer, or over all layers) in PIN_FRACTION of the slots."""
+    freq = np.zeros((d.num_layers, d.num_experts))
+    np.add.at(freq, (d.layer, d.expert), 1)
+    pinned = np.zeros(freq.shape, dtype=bool)
+    if scope == "layer":
+        per_layer = slots // len(d.layers)
+        n = min(int(per_layer * PIN_FRACTION), per_layer - d.max_need)
+        if n > 0:
+            top = np.argsort(-freq, axis=1)[:, :n]
+            rows = np.array(d.layers)
+            pinned[rows[:, None], top[rows]] = True
+    else:
+        n = min(int(slots * PIN_FRACTION), slots - d.max_need * len(d.layers))
+        if n > 0:
+            pinned.ravel()[np.argsort(-freq.ravel())[:n]] = True
+    return pinned
+
+
+def run_policies(
+    traces: list[Path],
+    budgets_gib: list[float] | None,
+    slots: list[int] | None,
+    expert_bytes: int | None,
+    policies=POLICIES,
+    scopes=SCOPES,
+    out=sys.stdout,
+) -> list[dict]:
+    rows = []
+    for path in traces:
+        trace = read_trace(path)
+        eb = expert_bytes or trace.meta.get("expert_bytes")
+        if not eb:
+            raise ValueError(f"{path}: no expert_bytes in the trace; give --expert-mb")
+        d = demand(trace)
+        n = len(d.layers)
+        sizes = [int(g * GiB // eb) for g in budgets_gib or []]
+        sizes += [s * n for s in slots or []]
+        print(
+            f"{path}: {d.tokens} tokens, {d.steps} steps, {n} MoE layers, "
+            f"{trace.num_experts} experts, top-{trace.top_k}, {eb / 1e6:.2f} MB per expert",
+            file=out,
+        )
+        print(
+            f"{'slots/layer':>11} {'GiB':>7} {'policy':>7} {'scope':>6} {'hit %':>6} "
+            f"{'MB/token':>9} {'s':>5}",
+            file=out,
+        )
+        for total in sizes:
+            if total // n < trace.top_k:
+                print(f"{total // n:>11}: fewer slots than top-k, skipped", file=out)
+                continue
+            for policy in policies:
+                for scope in scopes:
+                    t0 = time.perf_counter()
+                    r = replay(d, policy, scope, total, eb)
+                    dt = time.perf_counter() - t0
+                    row = {"trace": str(path), "gib": total * eb / GiB, "seconds": dt, **asdict(r)}
+                    rows.append(row)
+                    print(
+                        f"{total // n:>11} {row['gib']:>7.2f} {policy:>7} {scope:>6} "
+                        f"{100 * r.hit_rate:>6.1f} {r.mb_per_token:>9.1f} {dt:>5.1f}",
+                        file=out,
+                        flush=True,
+                    )
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["trace"], r["policy"], r["scope"]) for r in rows}):
+        pts = sorted(
+            (r["gib"], r["mb_per_token"])
+            for r in rows
+            if (r["trace"], r["policy"], r["scope"]) == key
+        )
+        label = f"{Path(key[0]).stem}: {key[1]} ({key[2]})"
+        ax.plot(
+            *zip(*pts, strict=True),
+            marker="o",
+            label=label,
+            linestyle="--" if key[2] == "global" else "-",
+        )
+    ax.set_xlabel("expert bank, GiB (all layers)")
+    ax.set_ylabel("MB read per token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def add_arguments(p) -> None:
+    p.add_argument("traces", nargs="+", help="routing traces (--trace FILE of flashmoe-run)")
+    p.add_argument("--budget", type=float, nargs="+", metavar="GiB", help="expert bank sizes")
+    p.add_argument("--slots", type=int, nargs="+", help="or: slots per MoE layer")
+    p.add_argument("--expert-mb", type=float, help="bytes per expert (default: the trace's)")
+    p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a plot (PNG, needs matplotlib)")
+
+
+def run(args) -> int:
+    from .report import BenchError
+
+    if not args.budget and not args.slots:
+        raise BenchError("give --budget GiB... or --slots N...")
+    try:
+        rows = run_policies(
+            [Path(t) for t in args.traces],
+            args.budget,
+            args.slots,
+            int(args.expert_mb * 1e6) if args.expert_mb else None,
+            args.policy,
+            args.scope,
+        )
+    except (OSError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot and not plot(rows, Path(args.plot)):
+        print("plot: matplotlib is not installed (pip install 'flashmoe[bench]')")
+    return 0
