@@ -219,8 +219,9 @@ def run_policies(
     expert_bytes: int | None,
     policies=POLICIES,
     scopes=SCOPES,
-    out=sys.stdout,
+    out=None,
 ) -> list[dict]:
+    out = out or sys.stdout
     rows = []
     for path in traces:
         trace = read_trace(path)
