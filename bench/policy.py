@@ -6,11 +6,13 @@ resident at once, as in the runtime: hits are the needed experts already residen
 need. All layers of a step are replayed together, vectorized over layers, so 100k tokens x 60
 layers take seconds per policy and budget rather than minutes.
 
-Policies: ``lru`` (the runtime's today), ``lfu`` (frequency halved every ``AGE_STEPS`` steps, ties
-by recency), ``lfuda`` (LFU with dynamic ageing), ``pin`` (the most used experts of the trace pinned
-in half of the slots, LRU in the rest: an oracle profile, an upper bound for a profiled pin),
+Policies: ``lru`` (the runtime's today), ``lfu`` (frequency halved every ``AGE_STEPS`` steps),
+``lfuda`` (LFU with dynamic ageing), ``pin`` (the trace's most used experts, in half of the slots,
+are never evicted once resident; LRU for the rest: an oracle profile, an upper bound for a profiled
+pin),
 ``belady`` (evict the expert used again farthest in the future: the ceiling). Each runs with equal
-per-layer banks (``layer``) and with one budget shared by all layers (``global``).
+per-layer banks (``layer``) and with one budget shared by all layers (``global``). Ties are
+broken by recency. The rules are ``metal/policies.py``'s (the runtime's classes).
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..metal.policies import AGE_STEPS
 from ..runtime.trace import Trace, read_trace
 
 GiB = 1 << 30
 POLICIES = ("lru", "lfu", "lfuda", "pin", "belady")
 SCOPES = ("layer", "global")
-AGE_STEPS = 256  # lfu halves every count this often
 PIN_FRACTION = 0.5
 NEVER = np.inf
 
@@ -95,18 +97,14 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
     n_layers = len(d.layers)
     per_layer = slots // n_layers
     resident = np.zeros((L, E), dtype=bool)
-    prio = np.zeros((L, E))  # evict the lowest
+    prio = np.zeros((L, E))  # evict the lowest (ties: the least recent)
     count = np.zeros((L, E))
-    last = np.zeros((L, E))  # lfu's tie-break: recency
+    last = np.zeros((L, E))
     clock = np.zeros(L if scope == "layer" else 1)
     occupancy = np.zeros(L, dtype=np.int64)
     capacity = np.zeros(L, dtype=np.int64)
     capacity[d.layers] = per_layer
-    if policy == "pin":
-        pinned = _pinned(d, slots, scope)
-        resident |= pinned
-        occupancy += pinned.sum(axis=1)
-        prio[pinned] = NEVER
+    pinned = _pinned(d, slots, scope) if policy == "pin" else None
     tie = 1e-3 / (d.steps + 1)
     hits = misses = 0
     for s in range(d.steps):
@@ -118,14 +116,15 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
         if h < hit.size:
             miss_l, miss_e = lay[~hit], exp[~hit]
             misses += miss_l.size
-            saved = prio[lay, exp]
-            prio[lay, exp] = NEVER  # the step's experts are never victims
+            key = prio + last * tie
+            key[lay, exp] = NEVER  # the step's experts are never victims
+            if pinned is not None:
+                key[pinned] = NEVER  # pinned experts neither, once resident
             if scope == "layer":
                 need = np.bincount(miss_l, minlength=L)
-                evicted = _evict_per_layer(prio, resident, occupancy + need - capacity)
+                evicted = _evict_per_layer(key, resident, occupancy + need - capacity)
             else:
-                evicted = _evict_global(prio, resident, occupancy.sum() + miss_l.size - slots)
-            prio[lay, exp] = saved
+                evicted = _evict_global(key, resident, occupancy.sum() + miss_l.size - slots)
             if evicted is not None:
                 el, ee = evicted
                 resident[el, ee] = False
@@ -138,17 +137,15 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
                 count[el, ee] = 0
             resident[miss_l, miss_e] = True
             np.add.at(occupancy, miss_l, 1)
-        # priorities of the step's experts (pinned ones stay at NEVER)
+        last[lay, exp] = s
         if policy in ("lru", "pin"):
-            keep = prio[lay, exp] != NEVER
-            prio[lay[keep], exp[keep]] = s
+            prio[lay, exp] = s
         elif policy == "lfu":
             count[lay, exp] += 1
-            last[lay, exp] = s
-            prio[lay, exp] = count[lay, exp] + last[lay, exp] * tie
+            prio[lay, exp] = count[lay, exp]
             if (s + 1) % AGE_STEPS == 0:
                 count *= 0.5
-                prio[resident] = count[resident] + last[resident] * tie
+                prio[resident] = count[resident]
         elif policy == "lfuda":
             count[lay, exp] += 1
             prio[lay, exp] = count[lay, exp] + (clock[lay] if scope == "layer" else clock[0])

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 from flashmoe.bench import cli
-from flashmoe.bench.policy import POLICIES, demand, replay
+from flashmoe.bench.policy import POLICIES, _pinned, demand, replay
 from flashmoe.metal.bank import LRUPolicy
+from flashmoe.metal.policies import make_policy
 from flashmoe.runtime.trace import TraceWriter, read_trace
 
 
@@ -38,9 +39,9 @@ def test_hand_made_trace_lru_and_belady(tmp_path):
     assert opt.mb_per_token == pytest.approx(6 / 8)
 
 
-def _reference_lru(route: np.ndarray, slots: int) -> int:
-    """Hits of the runtime's own LRUPolicy with the bank's assign rule, one layer."""
-    policy, resident, hits = LRUPolicy(), set(), 0
+def _reference(route: np.ndarray, slots: int, policy=None) -> int:
+    """Hits of a runtime policy (default LRUPolicy) with the bank's assign rule, one layer."""
+    policy, resident, hits = policy or LRUPolicy(), set(), 0
     for row in route:
         need = sorted(set(row.tolist()))
         hits += sum(e in resident for e in need)
@@ -62,7 +63,7 @@ def test_lru_replay_matches_the_runtime_policy_and_belady_is_the_ceiling(tmp_pat
     d = _write(tmp_path / "t.fmt", routes, 24)
     for slots in (2, 5, 9):
         lru = replay(d, "lru", "layer", 3 * slots, 1)
-        assert lru.hits == sum(_reference_lru(r, slots) for r in routes)
+        assert lru.hits == sum(_reference(r, slots) for r in routes)
     # top-4 steps (ties inside a step): Belady bounds every policy, at every size and scope
     routes = [np.argsort(rng.random((300, 24)) - 0.03 * np.arange(24), axis=1)[:, :4] for _ in "ab"]
     d = _write(tmp_path / "t4.fmt", routes, 24)
@@ -97,3 +98,17 @@ def test_cli(tmp_path, capsys):
     assert len(rows) == 3 * len(POLICIES) * 2  # slots 4, 8 and 5 (10737 B / 1000 B, 2 layers)
     assert sorted({r["slots"] for r in rows}) == [8, 10, 16]
     assert "belady" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lfuda", "pin"])
+def test_runtime_policy_classes_match_the_replay(tmp_path, name):
+    rng = np.random.default_rng(4)
+    p = np.linspace(4, 0.1, 40)
+    route = rng.choice(40, size=(1500, 1), p=p / p.sum())  # top-1: no ties inside a step
+    d = _write(tmp_path / "t.fmt", [route], 40)
+    for slots in (3, 8):
+        pinned = np.flatnonzero(_pinned(d, slots, "layer")[0]) if name == "pin" else ()
+        want = _reference(route, slots, make_policy(name, pinned))
+        assert replay(d, name, "layer", slots, 1).hits == want
+    with pytest.raises(ValueError):
+        make_policy("fifo")
