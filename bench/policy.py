@@ -97,9 +97,9 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
     n_layers = len(d.layers)
     per_layer = slots // n_layers
     resident = np.zeros((L, E), dtype=bool)
-    prio = np.zeros((L, E))  # evict the lowest (ties: the least recent)
+    prio = np.zeros((L, E))  # the policy's value: evict the lowest
+    key = np.full((L, E), NEVER)  # eviction order: prio + recency tie-break; NEVER if absent
     count = np.zeros((L, E))
-    last = np.zeros((L, E))
     clock = np.zeros(L if scope == "layer" else 1)
     occupancy = np.zeros(L, dtype=np.int64)
     capacity = np.zeros(L, dtype=np.int64)
@@ -113,21 +113,19 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
         hit = resident[lay, exp]
         h = int(hit.sum())
         hits += h
+        key[lay, exp] = NEVER  # the step's experts are never victims
         if h < hit.size:
             miss_l, miss_e = lay[~hit], exp[~hit]
             misses += miss_l.size
-            key = prio + last * tie
-            key[lay, exp] = NEVER  # the step's experts are never victims
-            if pinned is not None:
-                key[pinned] = NEVER  # pinned experts neither, once resident
             if scope == "layer":
                 need = np.bincount(miss_l, minlength=L)
-                evicted = _evict_per_layer(key, resident, occupancy + need - capacity)
+                evicted = _evict_per_layer(key, occupancy + need - capacity)
             else:
-                evicted = _evict_global(key, resident, occupancy.sum() + miss_l.size - slots)
+                evicted = _evict_global(key, occupancy.sum() + miss_l.size - slots)
             if evicted is not None:
                 el, ee = evicted
                 resident[el, ee] = False
+                key[el, ee] = NEVER
                 np.subtract.at(occupancy, el, 1)
                 if policy == "lfuda":  # the clock moves to the priority of the last victim
                     if scope == "layer":
@@ -137,20 +135,24 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
                 count[el, ee] = 0
             resident[miss_l, miss_e] = True
             np.add.at(occupancy, miss_l, 1)
-        last[lay, exp] = s
         if policy in ("lru", "pin"):
             prio[lay, exp] = s
         elif policy == "lfu":
             count[lay, exp] += 1
             prio[lay, exp] = count[lay, exp]
-            if (s + 1) % AGE_STEPS == 0:
-                count *= 0.5
-                prio[resident] = count[resident]
         elif policy == "lfuda":
             count[lay, exp] += 1
             prio[lay, exp] = count[lay, exp] + (clock[lay] if scope == "layer" else clock[0])
         else:  # belady: the farthest next use is evicted first
             prio[lay, exp] = -d.next_use[a:b]
+        key[lay, exp] = prio[lay, exp] + s * tie
+        if pinned is not None:
+            key[lay, exp] = np.where(pinned[lay, exp], NEVER, key[lay, exp])
+        if policy == "lfu" and (s + 1) % AGE_STEPS == 0:
+            recency = key[resident] - prio[resident]
+            count *= 0.5
+            prio[resident] = count[resident]
+            key[resident] = prio[resident] + recency
     total = hits + misses
     return Result(
         policy,
@@ -163,31 +165,32 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
     )
 
 
-def _evict_per_layer(prio: np.ndarray, resident: np.ndarray, over: np.ndarray):
+def _evict_per_layer(key: np.ndarray, over: np.ndarray):
+    """Per layer, the ``over[layer]`` entries of lowest ``key`` (NEVER: not evictable)."""
     rows = np.flatnonzero(over > 0)
     if rows.size == 0:
         return None
     counts = over[rows]
-    p = np.where(resident[rows], prio[rows], np.inf)
+    p = key[rows]
     m = int(counts.max())
     cand = np.argpartition(p, m - 1, axis=1)[:, :m]
-    cand = np.take_along_axis(cand, np.argsort(np.take_along_axis(p, cand, 1), axis=1), 1)
+    if m > 1:
+        cand = np.take_along_axis(cand, np.argsort(np.take_along_axis(p, cand, 1), axis=1), 1)
     take = np.arange(m)[None, :] < counts[:, None]
-    el = np.repeat(rows, counts)
     ee = cand[take]
-    if (p[np.repeat(np.arange(rows.size), counts), ee] == np.inf).any():
+    if (p[np.repeat(np.arange(rows.size), counts), ee] == NEVER).any():
         raise ValueError("a step needs more experts than its layer's bank has slots")
-    return el, ee
+    return np.repeat(rows, counts), ee
 
 
-def _evict_global(prio: np.ndarray, resident: np.ndarray, over: int):
+def _evict_global(key: np.ndarray, over: int):
     if over <= 0:
         return None
-    p = np.where(resident, prio, np.inf).ravel()
+    p = key.ravel()
     flat = np.argpartition(p, over - 1)[:over]
-    if (p[flat] == np.inf).any():
+    if (p[flat] == NEVER).any():
         raise ValueError("a step needs more experts than the budget has slots")
-    return np.divmod(flat, prio.shape[1])
+    return np.divmod(flat, key.shape[1])
 
 
 def _pinned(d: Demand, slots: int, scope: str) -> np.ndarray:
@@ -298,6 +301,14 @@ def add_arguments(p) -> None:
     p.add_argument("--expert-mb", type=float, help="bytes per expert (default: the trace's)")
     p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
+    p.add_argument(
+        "--design",
+        metavar="PRESET",
+        help="first write each TRACE from the realistic routing design of PRESET "
+        "(flashmoe-bench synth's, no model run): --design-layers, --design-tokens",
+    )
+    p.add_argument("--design-layers", type=int, default=60)
+    p.add_argument("--design-tokens", type=int, default=20000)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a plot (PNG, needs matplotlib)")
 
@@ -308,6 +319,13 @@ def run(args) -> int:
     if not args.budget and not args.slots:
         raise BenchError("give --budget GiB... or --slots N...")
     try:
+        if args.design:
+            from .routing import PROFILES, design_trace
+
+            if args.design not in PROFILES:
+                raise ValueError(f"unknown preset {args.design!r}")
+            for seed, path in enumerate(args.traces):
+                design_trace(path, args.design, args.design_layers, args.design_tokens, seed=seed)
         rows = run_policies(
             [Path(t) for t in args.traces],
             args.budget,

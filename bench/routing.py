@@ -129,9 +129,18 @@ class RoutingDesign:
             return (value * mx.array(mask)).astype(value.dtype)
         return value
 
-    def route(self, layer: int, tokens: np.ndarray, top_k: int) -> np.ndarray:
+    def route(
+        self, layer: int, tokens: np.ndarray, top_k: int, x: np.ndarray | None = None
+    ) -> np.ndarray:
         """The routing the design gives token ids ``tokens`` (without quantization and without
-        what the blocks add to the residual stream): ``len(tokens) x top_k`` expert ids."""
+        what the blocks add to the residual stream): ``len(tokens) x top_k`` expert ids.
+        ``x``: ``inputs(tokens)``, when routing the same tokens through several layers."""
+        x = self.inputs(tokens) if x is None else x
+        logits = x @ self.router_block(layer).T
+        return np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+
+    def inputs(self, tokens: np.ndarray) -> np.ndarray:
+        """The designed dimensions of the embeddings of ``tokens``."""
         tokens = np.asarray(tokens, dtype=np.int64)
         x = np.empty((tokens.size, self.designed), dtype=np.float32)
         x[:, : self.unit] = AMPLITUDE
@@ -140,8 +149,36 @@ class RoutingDesign:
             x[sel, self.unit :] = (
                 AMPLITUDE * self.zeta(block * ZETA_ROWS, ZETA_ROWS)[tokens[sel] % ZETA_ROWS]
             )
-        logits = x @ self.router_block(layer).T
-        return np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+        return x
+
+
+def design_trace(
+    path,
+    preset: str,
+    layers: int,
+    tokens: int,
+    *,
+    seed: int = 0,
+    vocab: int = 248320,
+) -> None:
+    """Write a routing trace of the realistic design (``layers`` MoE layers, ``tokens`` decode
+    steps of token ids drawn uniformly from ``vocab``) without running a model; hits are not
+    recorded (all False). The model itself routes ~95 % the same (quantization, the blocks)."""
+    from ..runtime.trace import TraceWriter
+    from .synth import GEOMETRY
+
+    hidden, _, _, experts, top_k, moe_i = GEOMETRY[preset][:6]
+    design = RoutingDesign(PROFILES[preset], experts, hidden, seed)
+    ids = np.random.default_rng([seed, 7]).integers(0, vocab, tokens)
+    x = design.inputs(ids)
+    routes = [design.route(layer, ids, top_k, x).astype(np.uint16) for layer in range(layers)]
+    expert_bytes = 3 * moe_i * hidden // 2 + 3 * moe_i * (hidden // 64) * 4  # 4-bit, bf16 s/b
+    meta = {"design": preset, "seed": seed, "vocab": vocab, "expert_bytes": expert_bytes}
+    miss = np.zeros((1, top_k), dtype=bool)
+    with TraceWriter(path, num_layers=layers, num_experts=experts, top_k=top_k, meta=meta) as w:
+        for t in range(tokens):
+            for layer in range(layers):
+                w.record(layer, routes[layer][t : t + 1], miss)
 
 
 def _layer(module: str) -> int:
