@@ -35,14 +35,21 @@ FAMILIES: dict[str, Family] = {
 
 
 def text_config(config: dict) -> dict:
-    """The dict holding the language model's fields (``text_config`` if present)."""
-    return config.get("text_config", config)
+    """The dict holding the language model's fields (``text_config`` if present); ValueError
+    if the config or its ``text_config`` is not an object."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a JSON object, got {type(config).__name__}")
+    tc = config.get("text_config", config)
+    if not isinstance(tc, dict):
+        raise ValueError(f"config text_config must be a JSON object, got {type(tc).__name__}")
+    return tc
 
 
 def family_for(config: dict) -> Family:
     """The family of a checkpoint config, or ValueError naming the supported ones."""
+    text_config(config)  # a config (or text_config) that is not an object fails here
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise ValueError(f"unsupported model_type {model_type!r} (supported: {supported})")
     return FAMILIES[model_type]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .families import COMPONENTS
@@ -93,12 +93,40 @@ class Index:
 
     @classmethod
     def from_dict(cls, d: dict) -> Index:
-        d = dict(d)
-        d["components"] = [Component(**c) for c in d["components"]]
-        d["layers"] = [LayerFile(**entry) for entry in d["layers"]]
-        d["dense"] = FileEntry(**d["dense"])
-        d["files"] = [FileEntry(**f) for f in d["files"]]
+        """Build from parsed JSON; ValueError naming an unknown, missing or mistyped key."""
+        d = _fields(cls, d, "index")
+        for key in ("components", "layers", "files"):
+            if not isinstance(d[key], list):
+                raise ValueError(f"{key} must be a list")
+        d["components"] = [
+            Component(**_fields(Component, c, f"components[{i}]"))
+            for i, c in enumerate(d["components"])
+        ]
+        d["layers"] = [
+            LayerFile(**_fields(LayerFile, e, f"layers[{i}]")) for i, e in enumerate(d["layers"])
+        ]
+        d["dense"] = FileEntry(**_fields(FileEntry, d["dense"], "dense"))
+        d["files"] = [
+            FileEntry(**_fields(FileEntry, f, f"files[{i}]")) for i, f in enumerate(d["files"])
+        ]
         return cls(**d)
+
+
+def _fields(cls, d, where: str) -> dict:
+    """``d`` checked against the dataclass ``cls``: an object with no unknown or missing keys."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}")
+    required = {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
+    missing = sorted(required - set(d))
+    if missing:
+        raise ValueError(f"{where}: missing key {missing[0]!r}")
+    return dict(d)
 
 
 def safe_relative_path(root: Path, name: str, what: str = "file") -> Path:
@@ -162,14 +190,44 @@ def _check_types(index: Index) -> str | None:
             and _is_int(entry.size)
             and isinstance(entry.source_prefix, str)
             and isinstance(entry.checksums, list)
-            and all(isinstance(h, str) and len(h) == 64 and set(h) <= _HEX for h in entry.checksums)
+            and all(_is_hex64(h) for h in entry.checksums)
         ):
             return f"layer entry {entry.layer!r} is malformed"
     for f in [index.dense, *index.files]:
-        if not (isinstance(f.name, str) and _is_int(f.size)):
+        if not (isinstance(f.name, str) and _is_int(f.size) and f.size >= 0):
             return f"file entry {f.name!r} is malformed"
+        if f.sha256 is not None and not _is_hex64(f.sha256):
+            return f"file entry {f.name!r}: sha256 must be 64 lowercase hex digits"
     if not isinstance(index.split_plans, dict):
         return "split_plans must be an object"
+    for n, plan in index.split_plans.items():
+        if not isinstance(plan, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) for r in plan
+        ):
+            return f"split plan {n!r} must be a list of [start, end] integer pairs"
+    for name in ("checksum", "format", "created_by"):
+        if not isinstance(getattr(index, name), str):
+            return f"{name} must be a string"
+    if not isinstance(index.source, dict):
+        return "source must be an object"
+    return None
+
+
+def _is_hex64(h) -> bool:
+    return isinstance(h, str) and len(h) == 64 and set(h) <= _HEX
+
+
+def _check_config(index: Index) -> str | None:
+    """Where the index's config contradicts the index (model_type, num_experts, top_k)."""
+    config = index.config
+    if config.get("model_type") != index.model_type:
+        return f"config model_type {config.get('model_type')!r} is not {index.model_type!r}"
+    tc = config.get("text_config", config)
+    if not isinstance(tc, dict):
+        return f"config text_config must be an object, got {type(tc).__name__}"
+    for key, value in (("num_experts", index.num_experts), ("num_experts_per_tok", index.top_k)):
+        if key in tc and (not _is_int(tc[key]) or tc[key] != value):
+            return f"config {key} {tc[key]!r} disagrees with the index ({value})"
     return None
 
 
@@ -179,7 +237,7 @@ def validate(index: Index, where: str) -> None:
     def bad(msg: str) -> LayoutError:
         return LayoutError(f"{where}: {msg}")
 
-    problem = _check_types(index)
+    problem = _check_types(index) or _check_config(index)
     if problem:
         raise bad(problem)
     try:
@@ -241,7 +299,7 @@ def read_index(root: str | os.PathLike) -> Index:
         raise LayoutError(f"{path}: unreadable index ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise LayoutError(f"{path}: not a {FORMAT_NAME} index")
-    if raw.get("version") != FORMAT_VERSION:
+    if not _is_int(raw.get("version")) or raw.get("version") != FORMAT_VERSION:
         raise LayoutError(
             f"{path}: format version {raw.get('version')!r} is not supported "
             f"(this flashmoe reads version {FORMAT_VERSION})"

@@ -133,8 +133,7 @@ def spot_check_layout(root: str | os.PathLike, index: Index) -> str:
     """
     root = Path(root)
     verify_layout(root, checksums=False)
-    for f in index.files:
-        _check_file(root, f.name, f.size, f.sha256, True, lambda n: None)
+    check_copied_files(root, index)
     rec, used = index.record_size, index.expert_bytes
     picks = sorted({0, index.num_experts // 2, index.num_experts - 1})
     buf = memoryview(bytearray(rec))
@@ -151,3 +150,10 @@ def spot_check_layout(root: str | os.PathLike, index: Index) -> str:
         finally:
             os.close(fd)
     return "sizes, copied files' sha256 and 3 expert records per layer checked"
+
+
+def check_copied_files(root: str | os.PathLike, index: Index, dense: bool = False) -> None:
+    """Size and sha256 of every copied file (and, with ``dense``, of the dense file)."""
+    entries = [*index.files, *([index.dense] if dense else [])]
+    for f in entries:
+        _check_file(Path(root), f.name, f.size, f.sha256, True, lambda n: None)

@@ -1,21 +1,26 @@
 """``flashmoe-pull ORG/NAME``: download a published layout from the Hub and verify it before use.
 
-Only the layout's own files are fetched (never code: nothing from a repo is executed). The download
-is resumable and honours ``HF_HUB_OFFLINE``. After the first full verification (sizes and every
-checksum of the index) a marker keyed by the snapshot's commit, the index digest and every file's
-size and mtime is cached, so later runs do not re-hash hundreds of GB; any change re-verifies.
+The index is fetched first; then exactly the files it lists (layer files, dense file, copied files),
+nothing else (never code: nothing from a repo is executed), pinned to the index's commit. The
+download is resumable and honours ``HF_HUB_OFFLINE``. After the first full verification (sizes and
+every checksum of the index) a marker keyed by the snapshot's commit, the index digest and every
+listed file's size, mtime, ctime and inode is cached, so later runs do not re-hash hundreds of GB;
+any change re-verifies. ctime cannot be set back from user space, so bytes rewritten in place with
+the mtime restored still count as a change; the copied files (config, tokenizer, chat template) are
+re-hashed on every use anyway (they are small).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from ..layouts import DENSE_FILE, EXPERTS_DIR, INDEX_FILE, read_index
+from ..layouts import INDEX_FILE, Index, LayoutError, read_index
 from ..layouts.hub import (
     HubError,
     check_repo_id,
@@ -26,23 +31,36 @@ from ..layouts.hub import (
 )
 
 PROG = "flashmoe-pull"
-#: What a layout repo may contain (FORMAT.md): index, dense file, layer files, copied files, card.
-ALLOW_PATTERNS = [
-    INDEX_FILE,
-    DENSE_FILE,
-    f"{EXPERTS_DIR}/*",
-    "*.json",
-    "*.jinja",
-    "tokenizer.model",
-    "merges.txt",
-    "*.tiktoken",
-    "README.md",
-]
-#: Never downloaded, whatever the patterns above match: no remote code.
+#: Never downloaded, whatever the index lists: no remote code.
 IGNORE_PATTERNS = ["*.py", "*.pyc", "*.pyo", "*.so", "*.dylib", "*.dll", "*.sh", "*.exe"]
-MARKER_VERSION = 1
+MARKER_VERSION = 2
 
-__all__ = ["ALLOW_PATTERNS", "HubError", "is_repo_id", "main", "pull"]
+__all__ = ["HubError", "is_repo_id", "listed_files", "main", "pull"]
+
+
+def listed_files(index: Index) -> list[str]:
+    """Every file the index names (and checksums): layer files, dense file, copied files."""
+    return [INDEX_FILE, index.dense.name, *(e.file for e in index.layers)] + [
+        f.name for f in index.files
+    ]
+
+
+def _download(repo_id: str, revision, local_dir, token, progress: bool, names: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        with progress_bars(progress):
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=local_dir,
+                token=token,
+                allow_patterns=[glob.escape(n) for n in names],
+                ignore_patterns=IGNORE_PATTERNS,
+            )
+    except Exception as e:  # huggingface_hub and httpx raise many types: report one line
+        raise HubError(_pull_error(e, repo_id, revision)) from None
+    return Path(path)
 
 
 def pull(
@@ -56,28 +74,22 @@ def pull(
 ) -> Path:
     """Download the layout ``repo_id`` (at ``revision``) and return its local directory.
 
-    Into the Hugging Face cache by default, or into ``local_dir``. With ``verify`` the layout is
-    checked against its index (sizes and checksums) unless a previous run already verified this
-    exact snapshot. Raises HubError / LayoutError with a one-line message.
+    Into the Hugging Face cache by default, or into ``local_dir``: the index, then only the files
+    it lists. With ``verify`` the layout is checked against its index (sizes and checksums)
+    unless a previous run already verified this exact snapshot. Raises HubError / LayoutError
+    with a one-line message.
     """
-    from huggingface_hub import snapshot_download
-
     check_repo_id(repo_id)
-    try:
-        with progress_bars(progress):
-            path = snapshot_download(
-                repo_id,
-                revision=revision,
-                local_dir=local_dir,
-                token=token,
-                allow_patterns=ALLOW_PATTERNS,
-                ignore_patterns=IGNORE_PATTERNS,
-            )
-    except Exception as e:  # huggingface_hub and httpx raise many types: report one line
-        raise HubError(_pull_error(e, repo_id, revision)) from None
-    root = Path(path)
+    root = _download(repo_id, revision, local_dir, token, progress, [INDEX_FILE])
     if not (root / INDEX_FILE).is_file():
         raise HubError(f"{repo_id}: not a flashmoe layout (the repo has no {INDEX_FILE})")
+    index = read_index(root)
+    for f in [index.dense, *index.files]:
+        if f.sha256 is None:  # the index is the trust root: all it lists must be checksummed
+            raise HubError(f"{repo_id}: {INDEX_FILE} lists {f.name} without a sha256")
+    real = Path(os.path.realpath(root))
+    commit = real.name if real.parent.name == "snapshots" else revision  # the index's commit
+    _download(repo_id, commit, local_dir, token, progress, listed_files(index))
     if verify:
         verify_once(root, progress=progress)
     else:
@@ -107,16 +119,15 @@ def _marker_path(root: Path) -> Path:
 
 
 def _fingerprint(root: Path) -> dict:
-    """Commit, index digest and (size, mtime) of every file the index names."""
+    """Commit, index digest and (size, mtime, ctime, inode) of every file the index names."""
     index = read_index(root)  # also confines every name to the layout (safe_relative_path)
-    names = [e.file for e in index.layers] + [index.dense.name] + [f.name for f in index.files]
     files = {}
-    for name in names:
+    for name in listed_files(index)[1:]:
         try:
             st = os.stat(root / name)
         except FileNotFoundError:
             return {}
-        files[name] = [st.st_size, st.st_mtime_ns]
+        files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     real = Path(os.path.realpath(root))
     return {
         "version": MARKER_VERSION,
@@ -127,14 +138,23 @@ def _fingerprint(root: Path) -> dict:
 
 
 def is_verified(root: str | os.PathLike) -> bool:
-    """Whether this exact snapshot already passed a full verification."""
+    """Whether this exact snapshot already passed a full verification, unchanged since (and its
+    copied files, re-hashed now, still match the index)."""
+    from ..layouts.verify import check_copied_files
+
     root = Path(root)
     try:
         marker = json.loads(_marker_path(root).read_text())
     except (OSError, ValueError):
         return False
     current = _fingerprint(root)
-    return bool(current) and marker == current
+    if not current or marker != current:
+        return False
+    try:
+        check_copied_files(root, read_index(root))
+    except (LayoutError, OSError):
+        return False
+    return True
 
 
 def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +16,9 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from ..layouts import Index, LayoutError, read_index, text_config
+from ..layouts import DENSE_FILE, INDEX_FILE, Index, LayoutError, read_index, text_config
 from ..layouts.families import layer_of_module_path
+from ..layouts.hub import error_line
 from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
 from .reader import make_reader
 from .store import ExpertStore
@@ -63,6 +70,70 @@ def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
     raise LayoutError(f"{path_or_repo}: no such layout directory")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k) -> None:
+    """Refuse mistyped ``load`` arguments with one line (not ``std::bad_cast`` later)."""
+    for name, value in (("bank_experts", bank_experts), ("k", k)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    for name, value in (("cache_io_split", cache_io_split), ("io_threads", io_threads)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if io_threads < 1:
+        raise ValueError(f"io_threads must be at least 1, got {io_threads}")
+    if memory_budget_gb is not None:
+        ok = isinstance(memory_budget_gb, (int, float)) and not isinstance(memory_budget_gb, bool)
+        if not ok or not math.isfinite(memory_budget_gb) or memory_budget_gb < 0:
+            raise ValueError(
+                f"memory budget must be a finite number of GB >= 0, got {memory_budget_gb!r}"
+            )
+
+
+def _check_config_file(root: Path, index: Index) -> None:
+    """``config.json`` (what mlx-lm builds the model from) must be the index's config."""
+    path = root / "config.json"
+    try:
+        config = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return  # the view below writes the index's config
+    except (OSError, ValueError) as e:
+        raise LayoutError(f"{path}: unreadable ({error_line(e)})") from None
+    if config != index.config:
+        keys = sorted(
+            k
+            for k in set(config if isinstance(config, dict) else {}) | set(index.config)
+            if not isinstance(config, dict) or config.get(k) != index.config.get(k)
+        )
+        what = f"key {keys[0]!r}" if keys else "its content"
+        raise LayoutError(f"{path}: differs from the config in {INDEX_FILE} ({what})")
+
+
+def _listed_view(root: Path, index: Index) -> Path:
+    """A directory of symlinks to the files the index lists and nothing else: mlx-lm reads the
+    model config, dense weights and tokenizer from it, never an unlisted file of ``root``."""
+    listed = {f.name for f in index.files}
+    if not any(n in listed for n in _TOKENIZER_FILES) and not any(
+        n.endswith(".tiktoken") for n in listed
+    ):
+        raise LayoutError(
+            f"{root / INDEX_FILE}: lists no tokenizer ({', '.join(_TOKENIZER_FILES)} or *.tiktoken)"
+        )
+    view = Path(tempfile.mkdtemp(prefix="flashmoe-view-"))
+    atexit.register(shutil.rmtree, view, ignore_errors=True)
+    for name in [DENSE_FILE, *sorted(listed)]:
+        target = root.joinpath(*name.split("/"))
+        if not target.is_file():
+            raise LayoutError(f"{target}: missing (listed in {INDEX_FILE})")
+        link = view.joinpath(*name.split("/"))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.realpath(target), link)
+    if "config.json" not in listed:
+        (view / "config.json").write_text(json.dumps(index.config))
+    return view
+
+
 def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
     """Replace every SwitchGLU child in ``model`` by ``make(path, layer, glu)``; return (parent, layer)."""
     found = []
@@ -81,8 +152,11 @@ def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
     return swapped
 
 
-def _build_model(root: Path, index: Index, store: ExpertStore, timer: Timing | None, k: int | None):
-    """mlx-lm's ``load_model`` with every SwitchGLU swapped for a streaming one at construction."""
+def _build_model(
+    root: Path, view: Path, index: Index, store: ExpertStore, timer: Timing | None, k: int | None
+):
+    """mlx-lm's ``load_model`` (on ``view``, the listed files of ``root``) with every SwitchGLU
+    swapped for a streaming one at construction."""
     parents: list[tuple[nn.Module, int]] = []
 
     def get_classes(config: dict):
@@ -102,7 +176,7 @@ def _build_model(root: Path, index: Index, store: ExpertStore, timer: Timing | N
         StreamingModel.__name__ = model_class.__name__
         return StreamingModel, args_class
 
-    model, config = load_model(root, get_model_classes=get_classes)
+    model, config = load_model(view, get_model_classes=get_classes)
     layers = sorted(layer for _, layer in parents)
     expected = sorted(entry.layer for entry in index.layers)
     if layers != expected:
@@ -153,9 +227,15 @@ def load(
     concurrent sequences. ``trace`` records the routing of every MoE layer call to that file
     (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
     """
+    _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     root = resolve_model_path(path_or_repo, revision=revision)
     index = read_index(root)
     tc = text_config(index.config)
+    _check_config_file(root, index)
+    if verify:  # the dense weights and copied files too, not only each expert read
+        from ..layouts.verify import check_copied_files
+
+        check_copied_files(root, index, dense=True)
     moe_layers = len(index.layers)
     top_k = index.top_k if k is None else k
     if not 1 <= top_k <= index.num_experts:
@@ -197,8 +277,9 @@ def load(
         raise
     timer = Timing() if timing else None
     try:
-        model, config = _build_model(root, index, store, timer, k)
-        tokenizer = load_tokenizer(root, eos_token_ids=config.get("eos_token_id", None))
+        view = _listed_view(root, index)
+        model, config = _build_model(root, view, index, store, timer, k)
+        tokenizer = load_tokenizer(view, eos_token_ids=config.get("eos_token_id", None))
     except BaseException:
         store.close()
         raise

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from flashmoe.layouts import LayoutError
 from flashmoe.runtime import load
 from flashmoe.runtime.reader import make_reader
 from mlx_lm.sample_utils import make_sampler
@@ -387,7 +388,7 @@ def test_failed_load_releases_the_reader(layout, tmp_path):
     shutil.copytree(out, copy)
     (copy / "model-dense.safetensors").unlink()
     threads = threading.active_count()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(LayoutError, match="model-dense.safetensors: missing"):
         load(str(copy), bank_experts=4, reader="python", io_threads=3)
     gc.collect()
     assert threading.active_count() == threads
