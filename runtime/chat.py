@@ -146,7 +146,11 @@ class ChatSession:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.messages.append({"role": "user", "content": text})
-        full = self._render()
+        try:
+            full = self._render()
+        except BaseException:
+            self.messages.pop()
+            raise
         n = len(self.cached)
         if self.cache is not None and 0 < n < len(full) and full[:n] == self.cached:
             rest = full[n:]
@@ -182,6 +186,10 @@ class ChatSession:
                     before = (store.hits, store.misses, store.bytes_read)
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:  # a read error, ...: this turn did not happen, the rest stays
+            self.messages.pop()
+            self.cache, self.cached = None, []
+            raise
         finally:
             printer.close()
         if interrupted:
@@ -249,18 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read(prompt: str) -> str | None:
-    """One line of input; None at end of input. Ctrl-C at the prompt only prints a hint."""
+    """One line of input; None at end of input. Ctrl-C at the prompt only prints a hint, and a
+    line that is not UTF-8 is refused (the conversation goes on)."""
     while True:
         try:
-            return input(prompt)
+            line = input(prompt)
         except EOFError:
             return None
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /quit to leave)")
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # stdin decodes with surrogateescape (see run)
+            print("(that line is not valid UTF-8; type it again)", flush=True)
+            continue
+        return line
 
 
 def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
     style = GREY if color else ""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach _read, not a traceback
     print(HELP, file=out, flush=True)
     while True:
         line = _read("> ")
@@ -283,7 +301,15 @@ def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
         elif text.startswith("/") and " " not in text:
             print(f"unknown command {text}; {HELP}", file=out, flush=True)
         else:
-            session.reply(text, out, style)
+            try:
+                session.reply(text, out, style)
+            except (OSError, ValueError, RuntimeError) as e:
+                print(
+                    f"{PROG}: error: {error_line(e)} (that turn was dropped; the conversation "
+                    "is kept)",
+                    file=out,
+                    flush=True,
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

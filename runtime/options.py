@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..layouts.hub import error_line as error_line  # re-exported for the CLIs
+
+_SEED_MAX = 2**64 - 1
 
 
 def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
@@ -44,8 +47,43 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
     )
 
 
+def _check_text(name: str, text) -> None:
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+        raise ValueError(f"{name} is not valid UTF-8") from None
+
+
+def check_generation_options(args: argparse.Namespace) -> None:
+    """One-line ValueErrors for the generation options a CLI defines (those it has)."""
+    ranges = {"temp": (0, math.inf), "top_p": (0, 1), "min_p": (0, 1)}
+    for name, (lo, hi) in ranges.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            bound = f">= {lo}" if hi == math.inf else f"in {lo}..{hi}"
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be finite and {bound}")
+    top_k = getattr(args, "top_k", None)
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top-k {top_k} must be >= 0")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= _SEED_MAX:
+        raise ValueError(f"--seed {seed} is not in 0..{_SEED_MAX}")
+    memory = getattr(args, "memory_budget", None)
+    if memory is not None and not (math.isfinite(memory) and memory >= 0):
+        raise ValueError(f"--memory-budget {memory} must be a finite number of GB >= 0")
+    prompt = getattr(args, "prompt", None)
+    _check_text("--prompt", prompt)
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty")
+    _check_text("--system-prompt", getattr(args, "system_prompt", None))
+
+
 def load_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``flashmoe.runtime.load`` from parsed options."""
+    """The keyword arguments of ``flashmoe.runtime.load`` from parsed options (checking the
+    generation options first: a bad one fails before the model is loaded)."""
+    check_generation_options(args)
     return dict(
         bank_experts=args.bank_experts,
         memory_budget_gb=args.memory_budget,
