@@ -164,6 +164,13 @@ class ExpertBank:
             self._device_table = None
         return hits, misses
 
+    def clear(self) -> None:
+        """Forget every resident expert (the slots' bytes stay; call ``fence()`` first)."""
+        self.table[:] = -1
+        self.free = list(range(self.slots - 1, -1, -1))
+        self.policy = type(self.policy)()
+        self._device_table = None
+
     def abort(self, misses: list[tuple[int, int]]) -> None:
         """Forget experts whose reads failed: their slots hold garbage and go back to the free list."""
         for e, slot in misses:

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .firstuse import start_slow_notice, warm_up
 from .options import add_runtime_options, error_line, load_options
 
 PROG = "flashmoe-run"
@@ -61,6 +62,13 @@ def generate(
         mx.random.seed(args.seed)
     rt = model.flashmoe
     stats, timing = rt.store.stats, rt.timing
+    if args.timing:
+        warm = warm_up(model, prompt, err)
+        print(
+            f"[timing] warm-up {warm:.2f} s (first-use kernel compile, one prefill and one "
+            "decode step; not counted in TTFT)",
+            file=err,
+        )
     stats.reset()
     if timing:
         timing.reset()
@@ -69,22 +77,27 @@ def generate(
     start = time.perf_counter()
     first = None
     response = None
-    for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
-    ):
-        if first is None:
-            first = (
-                time.perf_counter() - start,
-                stats.misses,
-                stats.hits,
-                stats.bytes_read,
-                stats.io_seconds,
-                (timing.dense, timing.router, timing.compute) if timing else None,
-                time.perf_counter(),
-            )
-        tokens.append(response.token)
-        out.write(response.text)
-        out.flush()
+    notice = start_slow_notice(err=err)
+    try:
+        for response in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
+        ):
+            if first is None:
+                notice.cancel()
+                first = (
+                    time.perf_counter() - start,
+                    stats.misses,
+                    stats.hits,
+                    stats.bytes_read,
+                    stats.io_seconds,
+                    (timing.dense, timing.router, timing.compute) if timing else None,
+                    time.perf_counter(),
+                )
+            tokens.append(response.token)
+            out.write(response.text)
+            out.flush()
+    finally:
+        notice.cancel()
     out.write("\n")
     out.flush()
     if args.timing and response is not None and first is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..layouts import Index, safe_relative_path
+from ..metal import cuda
 from ..metal.bank import ExpertBank
 from .reader import DIRECT_ALIGNMENT, ReadRequest, open_for_reading, split_buffers
 
@@ -91,6 +92,13 @@ class ExpertStore:
         self.banks: dict[int, ExpertBank] = {}
         # (layer, slot) -> per-chunk scatter buffers; built once, reused for every read.
         self._chunk_cache: dict[tuple[int, int], list[tuple[int, tuple[memoryview, ...]]]] = {}
+        # CUDA (managed memory): reads land in pinned staging and are DMA'd to the slots
+        # (metal/cuda.py says why); decided when the first bank exists. None elsewhere.
+        self._cuda: cuda.CudaDevice | None = None
+        self.residency = "host"
+        self._staging: memoryview | None = None
+        self._staging_records = 0
+        self._bank_addresses: dict[int, list[int]] = {}
         for entry in index.layers:
             path = safe_relative_path(self.root, entry.file, "layer file")
             try:
@@ -113,7 +121,22 @@ class ExpertStore:
                 page_aligned=aligned,
             )
             self._fds[layer] = open_for_reading(self._paths[layer], direct=self.direct)
+            if len(self.banks) == 1:
+                self._setup_residency(bank)
+            if self._cuda is not None:
+                self._bank_addresses[layer] = [cuda.address(v) for v in bank.slot_buffers(0)]
         return bank
+
+    def _setup_residency(self, bank: ExpertBank) -> None:
+        found = cuda.detect(bank.arrays[0])
+        if found is None:
+            return
+        self._cuda, self.residency = found
+        if self.residency == "staged":
+            # Enough pinned memory for a decode step's misses in one round; larger unions
+            # (prefill) go in rounds of this many records.
+            self._staging_records = max(1, min(self.slots, 32))
+            self._staging = self._cuda.pinned(self._staging_records * self.index.record_size)
 
     def _chunks(self, layer: int, bank: ExpertBank, slot: int):
         key = (layer, slot)
@@ -138,34 +161,111 @@ class ExpertStore:
             self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + len(
                 misses
             )
-            fd, path = self._fds[layer], self._paths[layer]
-            record = self.index.record_size
-            requests, nbytes = [], 0
-            for e, slot in misses:
-                for start, bufs, length in self._chunks(layer, bank, slot):
-                    requests.append(ReadRequest(fd, e * record + start, bufs, path))
-                    nbytes += length
             t0 = time.perf_counter()
-            batch = self.reader.submit(requests)
-            try:
-                batch.wait()
-                if self.verify:
-                    self._check(layer, bank, misses)
-            except BaseException:
-                _drain(batch)  # no read may still land in a slot we hand back
-                bank.abort(misses)
-                raise
+            if self._staging is not None:
+                step = self._staging_records
+                for i in range(0, len(misses), step):
+                    self._read_staged(layer, bank, misses[i : i + step], misses)
+            else:
+                self._read(layer, bank, misses)
             self.stats.io_seconds += time.perf_counter() - t0
-            self.stats.bytes_read += nbytes
         return bank
 
-    def _check(self, layer: int, bank: ExpertBank, misses) -> None:
+    def _read(self, layer: int, bank: ExpertBank, misses: list[tuple[int, int]]) -> None:
+        """Read ``misses`` straight into their slots (then, on CUDA, prefetch them)."""
+        fd, path = self._fds[layer], self._paths[layer]
+        record = self.index.record_size
+        requests, nbytes = [], 0
+        for e, slot in misses:
+            for start, bufs, length in self._chunks(layer, bank, slot):
+                requests.append(ReadRequest(fd, e * record + start, bufs, path))
+                nbytes += length
+        batch = self.reader.submit(requests)
+        try:
+            batch.wait()
+            if self.verify:
+                self._check(layer, [(e, bank.slot_buffers(slot)) for e, slot in misses])
+            if self._cuda is not None:  # "prefetch": migrate the written ranges in bulk
+                self._cuda.bind()
+                self._cuda.prefetch(
+                    [(a + slot * n, n) for e, slot in misses for a, n in self._ranges(layer, bank)]
+                )
+                self._cuda.synchronize()
+        except BaseException:
+            _drain(batch)  # no read may still land in a slot we hand back
+            bank.abort(misses)
+            raise
+        self.stats.bytes_read += nbytes
+
+    def _ranges(self, layer: int, bank: ExpertBank) -> list[tuple[int, int]]:
+        return list(zip(self._bank_addresses[layer], bank.slot_nbytes, strict=True))
+
+    def _read_staged(
+        self, layer: int, bank: ExpertBank, part: list[tuple[int, int]], misses
+    ) -> None:
+        """Read ``part`` into pinned staging, then DMA each record's tensors to its slot."""
+        fd, path = self._fds[layer], self._paths[layer]
+        record = self.index.record_size
+        requests, nbytes = [], 0
+        for i, (e, _) in enumerate(part):
+            for start, bufs, length in self._staged_chunks(i):
+                requests.append(ReadRequest(fd, e * record + start, bufs, path))
+                nbytes += length
+        batch = self.reader.submit(requests)
+        try:
+            batch.wait()
+            staging = self._staging
+            if self.verify:
+                self._check(
+                    layer,
+                    [
+                        (e, (staging[i * record : i * record + self.index.expert_bytes],))
+                        for i, (e, _) in enumerate(part)
+                    ],
+                )
+            base = cuda.address(staging)
+            copies = []
+            for i, (_, slot) in enumerate(part):
+                src = base + i * record
+                for a, n in self._ranges(layer, bank):
+                    copies.append((a + slot * n, src, n))
+                    src += n
+            self._cuda.bind()
+            self._cuda.copy_to_device(copies)
+            self._cuda.synchronize()  # staging is reused by the next round / call
+        except BaseException:
+            _drain(batch)
+            bank.abort(misses)
+            raise
+        self.stats.bytes_read += nbytes
+
+    def _staged_chunks(self, i: int):
+        key = (-1, i)
+        chunks = self._chunk_cache.get(key)
+        if chunks is None:
+            record = self.index.record_size
+            size = record if self.direct else self.index.expert_bytes
+            view = self._staging[i * record : i * record + size]
+            chunks = self._chunk_cache[key] = [
+                (start, bufs, sum(b.nbytes for b in bufs))
+                for start, bufs in split_buffers((view,), self.plan)
+            ]
+        return chunks
+
+    def clear_banks(self) -> None:
+        """Empty every bank (as right after loading); the next calls read all their experts."""
+        for bank in self.banks.values():
+            bank.fence()
+            bank.clear()
+
+    def _check(self, layer: int, records) -> None:
+        """Compare ``(expert, buffers)`` read for ``layer`` with the index's sha256."""
         import hashlib
 
         sums = self.index.layer(layer).checksums
-        for e, slot in misses:
+        for e, buffers in records:
             h = hashlib.sha256()
-            for b in bank.slot_buffers(slot):
+            for b in buffers:
                 h.update(b)
             if h.hexdigest() != sums[e]:
                 raise ValueError(

@@ -1,0 +1,372 @@
+"""``flashmoe-bench gpu LAYOUT``: stock mlx-lm and flashmoe side by side in one process.
+
+Built for short leases on an accelerator (MLX CUDA or Metal): the kernels compile once, and every
+row reuses them. Per configuration (bank size x residency mode x warm/cold):
+
+- prefill logits of the prompt and ``--tokens`` greedy tokens, compared bit for bit with stock
+  mlx-lm on the source checkpoint (same prompt, same ``generate_step`` loop);
+- decode tok/s (after the first token), TTFT, hit rate, MB read and expert I/O ms per token;
+- with ``--timing``, a second pass with a sync per phase: dense, router sync and expert compute
+  ms per token.
+
+A full bank is filled (every expert read) before the clock starts, so its row measures the first
+tokens after the fill. Partial banks start empty with the page cache warm (or dropped, cold).
+Reference rates measured in the same run: host -> device copies of the same bytes (pageable and
+pinned), and the disk's own O_DIRECT random-read rate at the request size of the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+from .report import (
+    BenchError,
+    command_line,
+    int_list,
+    open_layout,
+    output_path,
+    source_of,
+    table,
+    write_json,
+)
+
+MODES = ("staged", "prefetch", "off")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("layout", help="flashmoe layout directory")
+    p.add_argument("--source", help="source checkpoint (default: the index's source path)")
+    p.add_argument("--banks", default="all,50%,25%,min", help="bank sizes: N, P%%, all, min")
+    p.add_argument("--modes", default="staged", help=f"CUDA residency modes ({','.join(MODES)})")
+    p.add_argument("--splits", type=int_list, default=[4], help="cache-io-split list")
+    p.add_argument("--io-threads", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--cold", action="store_true", help="also run cold (--direct-io) rows")
+    p.add_argument("--timing", action="store_true", help="add per-phase timing (extra pass)")
+    p.add_argument("--repeat", type=int, default=1, help="decode passes per row (median)")
+    p.add_argument("--json", help="output JSON (default bench/out/gpu-<time>.json)")
+
+
+def _banks(spec: str, num_experts: int, top_k: int) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "all":
+            out.append(num_experts)
+        elif part == "min":
+            out.append(top_k)
+        elif part.endswith("%"):
+            out.append(max(top_k, round(num_experts * float(part[:-1]) / 100)))
+        else:
+            out.append(int(part))
+    return list(dict.fromkeys(out))
+
+
+def _decode(model, prompt, tokens: int):
+    """(first-step seconds, decode tok/s, token ids) through mlx-lm's own ``generate_step``."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    ids = []
+    t0 = time.perf_counter()
+    first = t1 = None
+    for tok, _ in generate_step(
+        mx.array(prompt), model, max_tokens=tokens, sampler=lambda x: mx.argmax(x, axis=-1)
+    ):
+        ids.append(int(tok))
+        if first is None:
+            t1 = time.perf_counter()
+            first = t1 - t0
+    rate = (len(ids) - 1) / (time.perf_counter() - t1) if len(ids) > 1 else 0.0
+    return first, rate, ids
+
+
+def _prefill_logits(model, prompt):
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    logits = model(mx.array(prompt)[None], cache=make_prompt_cache(model))
+    mx.eval(logits)
+    return logits
+
+
+def _fill(model) -> None:
+    rt = model.flashmoe
+    for entry in rt.index.layers:
+        rt.store.ensure(entry.layer, list(range(rt.index.num_experts)))
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _warm_cache(paths: list[Path]) -> None:
+    buf = bytearray(64 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def reference_rates(index, layer_files: list[Path], split: int, threads: int) -> dict:
+    """GB/s: host -> device copies (pageable, pinned) and O_DIRECT random reads of the layout."""
+    import mlx.core as mx
+    import numpy as np
+
+    from ..layouts.plan import split_plan
+    from ..metal import cuda
+    from ..runtime.reader import ReadRequest, make_reader, open_for_reading
+
+    out: dict = {}
+    record, nbytes = index.record_size, index.expert_bytes
+    count = 32
+    found = cuda.detect()
+    if found is not None:
+        dev, _ = found
+        dst = mx.zeros((count * nbytes,), dtype=mx.uint8)
+        mx.eval(dst)
+        d = cuda.address(memoryview(dst).cast("B"))
+        host = np.frombuffer(os.urandom(count * nbytes), dtype=np.uint8).copy()
+        pinned = dev.pinned(count * nbytes)
+        pinned[:] = host.tobytes()
+        for name, src in (("pageable", host.ctypes.data), ("pinned", cuda.address(pinned))):
+            dev.bind()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                dev.copy_to_device(
+                    [(d + i * nbytes, src + i * nbytes, nbytes) for i in range(count)]
+                )
+                dev.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[f"h2d_{name}_gb_s"] = count * nbytes / statistics.median(times) / 1e9
+    # the disk: O_DIRECT reads of random records at the split's request size, into page-aligned
+    # host memory, no device copy (what the disk and the read pool can do on their own)
+    plan = split_plan(nbytes, index.alignment, split)
+    chunk = max(b - a for a, b in plan)
+    chunk = -(-chunk // 4096) * 4096
+    buf = mx.zeros((threads * 4 * chunk + 4096,), dtype=mx.uint8) if found is None else None
+    if found is not None:
+        mem = found[0].pinned(threads * 4 * chunk)
+    else:
+        mx.eval(buf)
+        raw = memoryview(buf).cast("B")
+        skip = -cuda.address(raw) % 4096
+        mem = raw[skip : skip + threads * 4 * chunk]
+    reader = make_reader("auto", threads=threads)
+    fds = [open_for_reading(str(p), direct=True) for p in layer_files]
+    try:
+        _drop_cache(layer_files)
+        rng = random.Random(0)
+        reqs = []
+        n = min(len(layer_files) * index.num_experts, 256)
+        picks = rng.sample([(f, e) for f in range(len(fds)) for e in range(index.num_experts)], n)
+        slot = 0
+        t0 = time.perf_counter()
+        total = 0
+        for f, e in picks:
+            for a, b in plan:
+                length = -(-(b - a) // 4096) * 4096
+                view = mem[slot * chunk : slot * chunk + length]
+                reqs.append(ReadRequest(fds[f], e * record + a, (view,), str(layer_files[f])))
+                total += length
+                slot = (slot + 1) % (threads * 4)
+                if len(reqs) == threads * 4:
+                    reader.submit(reqs).wait()
+                    reqs = []
+        if reqs:
+            reader.submit(reqs).wait()
+        out["disk_odirect_gb_s"] = total / (time.perf_counter() - t0) / 1e9
+        out["disk_request_bytes"] = chunk
+    finally:
+        for fd in fds:
+            os.close(fd)
+        reader.close()
+    return out
+
+
+def run(args) -> int:
+    import mlx.core as mx
+    from mlx_lm import load as lm_load
+
+    from ..runtime import load
+
+    index, root = open_layout(args.layout)
+    src = source_of(index, args.source)
+    if src is None:
+        raise BenchError("no source checkpoint: pass --source")
+    modes = [m.strip() for m in args.modes.split(",")]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise BenchError(f"unknown residency mode(s) {bad}; expected {MODES}")
+    rng = random.Random(0)
+    vocab = index.config.get("vocab_size") or index.config.get("text_config", {}).get("vocab_size")
+    prompt = [rng.randrange(vocab) for _ in range(args.prompt_tokens)]
+    layer_files = [root / e.file for e in index.layers]
+    banks = _banks(args.banks, index.num_experts, index.top_k)
+
+    print(
+        f"device: {mx.default_device()}  layout: {root}  banks: {banks}  modes: {modes}", flush=True
+    )
+    t = time.perf_counter()
+    stock, _ = lm_load(str(src))
+    ref_logits = _prefill_logits(stock, prompt)
+    compile_s = time.perf_counter() - t
+    _decode(stock, prompt, 4)  # compiles the decode kernels
+    stock_runs = [_decode(stock, prompt, args.tokens) for _ in range(max(1, args.repeat))]
+    stock_ids = stock_runs[0][2]
+    stock_tps = statistics.median(r[1] for r in stock_runs)
+    print(
+        f"stock mlx-lm: {stock_tps:.1f} tok/s (load + first prefill {compile_s:.1f} s)", flush=True
+    )
+
+    rows, results = [], []
+    for cold in [False, True] if args.cold else [False]:
+        for bank in banks:
+            for split in args.splits:
+                for mode in modes:
+                    os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
+                    try:
+                        r = _measure(
+                            args,
+                            root,
+                            bank,
+                            split,
+                            cold,
+                            prompt,
+                            ref_logits,
+                            stock_ids,
+                            load,
+                            layer_files,
+                            index,
+                        )
+                    except Exception as e:  # keep the other rows
+                        print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
+                        continue
+                    r.update(mode=mode, stock_tok_s=stock_tps, ratio=r["tok_s"] / stock_tps)
+                    results.append(r)
+                    rows.append(_row(r))
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    os.environ.pop("FLASHMOE_CUDA_RESIDENCY", None)
+    refs = reference_rates(index, layer_files, args.splits[0], args.io_threads)
+    columns = [
+        "bank", "split", "pages", "mode", "tok/s", "x stock", "TTFT ms", "hit %", "MB/token",
+        "I/O ms", "I/O GB/s", "dense ms", "router ms", "compute ms", "identical",
+    ]  # fmt: skip
+    print(table(columns, rows))
+    print(
+        f"stock mlx-lm {stock_tps:.1f} tok/s; reference rates: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in refs.items())
+    )
+    path = output_path(args.json, "gpu")
+    write_json(
+        path,
+        {
+            "command": command_line(),
+            "device": str(mx.default_device()),
+            "stock_tok_s": stock_tps,
+            "stock_first_load_prefill_s": compile_s,
+            "references": refs,
+            "rows": results,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _measure(args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index):
+    import mlx.core as mx
+
+    kw = dict(bank_experts=bank, cache_io_split=split, io_threads=args.io_threads, direct_io=cold)
+    model, _ = load(str(root), **kw)
+    store = model.flashmoe.store
+    full = bank == index.num_experts
+    out = {"bank": bank, "split": split, "pages": "cold" if cold else "warm"}
+    try:
+        out["residency"] = None
+        if full:
+            t = time.perf_counter()
+            _fill(model)
+            out["fill_s"] = time.perf_counter() - t
+        elif not cold:
+            _warm_cache(files)
+        logits = _prefill_logits(model, prompt)
+        out["residency"] = store.residency
+        out["prefill_identical"] = bool(mx.array_equal(logits, ref_logits).item())
+        runs = []
+        for _ in range(max(1, args.repeat)):
+            if not full:
+                store.clear_banks()
+                if cold:
+                    _drop_cache(files)
+            store.stats.reset()
+            first, rate, ids = _decode(model, prompt, args.tokens)
+            s = store.stats
+            n = max(1, len(ids))
+            runs.append(
+                dict(
+                    tok_s=rate,
+                    ttft_ms=first * 1000,
+                    hit_rate=s.hit_rate,
+                    mb_per_token=s.bytes_read / n / 1e6,
+                    io_ms_per_token=s.io_seconds * 1000 / n,
+                    io_gb_s=s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None,
+                    tokens_identical=ids == stock_ids,
+                )
+            )
+        best = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+        out.update(best)
+        out["runs_tok_s"] = [r["tok_s"] for r in runs]
+        out["tokens_identical"] = all(r["tokens_identical"] for r in runs)
+    finally:
+        model.flashmoe.close()
+        del model
+    if args.timing:
+        model, _ = load(str(root), timing=True, **kw)
+        try:
+            if full:
+                _fill(model)
+            elif cold:
+                _drop_cache(files)
+            _decode(model, prompt, 2)
+            if not full:
+                model.flashmoe.store.clear_banks()
+            tm = model.flashmoe.timing
+            tm.reset()
+            _, _, ids = _decode(model, prompt, args.tokens)
+            n = max(1, len(ids))
+            out.update(
+                dense_ms=tm.dense * 1000 / n,
+                router_ms=tm.router * 1000 / n,
+                compute_ms=tm.compute * 1000 / n,
+            )
+        finally:
+            model.flashmoe.close()
+            del model
+    mx.clear_cache()
+    return out
+
+
+def _row(r: dict) -> list:
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    return [
+        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}", f(r["tok_s"]),
+        f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100), f(r["mb_per_token"]),
+        f(r["io_ms_per_token"]), f(r.get("io_gb_s"), 2), f(r.get("dense_ms"), 2),
+        f(r.get("router_ms"), 2), f(r.get("compute_ms"), 2),
+        r["prefill_identical"] and r["tokens_identical"],
+    ]  # fmt: skip
