@@ -30,6 +30,7 @@ from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
 from .geometry import ExpertPlan, plan_experts
 from .lock import output_lock
+from .model_check import check_mlx_lm_loads
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
 from .source import Source, aux_files, cached_sha256, resolve_source
 from .state import ConversionState, has_index, is_empty_output
@@ -350,6 +351,7 @@ def convert_checkpoint(
     source = resolve_source(src, revision, progress)
     ckpt = open_checkpoint(source.path)
     plan = plan_experts(ckpt)
+    check_mlx_lm_loads(source.path, ckpt.config)
     aux = aux_files(source.path)
     source_block = {
         "repo_id": source.repo_id,

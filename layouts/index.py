@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .families import COMPONENTS
@@ -120,9 +120,7 @@ def _fields(cls, d, where: str) -> dict:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}")
-    required = {
-        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-    }
+    required = known  # a writer always writes every key (asdict); sha256 may be null
     missing = sorted(required - set(d))
     if missing:
         raise ValueError(f"{where}: missing key {missing[0]!r}")
@@ -205,9 +203,10 @@ def _check_types(index: Index) -> str | None:
             isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) for r in plan
         ):
             return f"split plan {n!r} must be a list of [start, end] integer pairs"
-    for name in ("checksum", "format", "created_by"):
-        if not isinstance(getattr(index, name), str):
-            return f"{name} must be a string"
+    if index.checksum != CHECKSUM_ALGORITHM:
+        return f"checksum must be {CHECKSUM_ALGORITHM!r}"
+    if not isinstance(index.created_by, str):
+        return "created_by must be a string"
     if not isinstance(index.source, dict):
         return "source must be an object"
     return None
@@ -251,6 +250,11 @@ def validate(index: Index, where: str) -> None:
         raise bad(f"components must be {list(COMPONENTS)} in that order, got {names}")
     offset = 0
     for c in index.components:
+        if c.mode != "affine" or c.bits not in (2, 3, 4, 5, 6, 8) or c.group_size <= 0:
+            raise bad(
+                f"component {c.name}: quantization mode={c.mode!r} bits={c.bits} "
+                f"group_size={c.group_size} is not supported (affine, 2-8 bits)"
+            )
         if c.offset != offset or c.nbytes <= 0:
             raise bad(f"component {c.name} has offset {c.offset}, expected {offset}")
         if math.prod(c.shape) * DTYPE_SIZES[c.dtype] != c.nbytes:

@@ -278,8 +278,17 @@ def load(
     timer = Timing() if timing else None
     try:
         view = _listed_view(root, index)
-        model, config = _build_model(root, view, index, store, timer, k)
-        tokenizer = load_tokenizer(view, eos_token_ids=config.get("eos_token_id", None))
+        try:
+            model, config = _build_model(root, view, index, store, timer, k)
+            tokenizer = load_tokenizer(view, eos_token_ids=config.get("eos_token_id", None))
+        except (LayoutError, OSError):
+            raise
+        except Exception as e:  # mlx-lm / transformers on a config they cannot use
+            text = " ".join(str(e).split())[:300] or type(e).__name__
+            raise LayoutError(
+                f"{root}: mlx-lm cannot build the model or tokenizer from this layout's config "
+                f"({type(e).__name__}: {text})"
+            ) from None
     except BaseException:
         store.close()
         raise

@@ -1,0 +1,84 @@
+"""Refuse a checkpoint that stock mlx-lm could not load (before converting it).
+
+``mlx_lm.utils.load_model(src, lazy=True, strict=True)`` builds the model from ``config.json``,
+applies its quantization and matches every tensor name and shape of the shards against the
+model's parameters, without evaluating a weight (MLX loads safetensors lazily); the tokenizer is
+loaded too. A ``quantization`` entry MLX would crash on (``group_size`` 0) is refused first. A config mlx-lm
+cannot build, an extra dense tensor or a missing MoE layer is refused here, with one line, rather
+than converted into a layout that fails (or misbehaves) at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ConvertError
+
+_MAX = 400
+
+
+def _one_line(e: BaseException) -> str:
+    """The whole message on one line; long lists cut at a comma, never inside a name."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > _MAX:
+        cut = text.rfind(", ", 0, _MAX)
+        text = text[: cut if cut > 0 else _MAX] + ", ..."
+    return text
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings about the source config are not the converter's business."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_quantization(config: dict, where: Path) -> None:
+    """``quantization`` values MLX would divide by or crash on (group_size 0: SIGFPE)."""
+    q = config.get("quantization")
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise ConvertError(where, "quantization must be an object")
+    entries = [("quantization", q)] + [
+        (f"quantization[{k!r}]", v) for k, v in q.items() if isinstance(v, dict)
+    ]
+    for name, entry in entries:
+        for key, lo, hi in (("group_size", 1, 1 << 20), ("bits", 1, 8)):
+            if key in entry or entry is q:
+                v = entry.get(key)
+                if not _is_int(v) or not lo <= v <= hi:
+                    raise ConvertError(where, f"{name} {key} {v!r} is not an integer in {lo}..{hi}")
+        if not isinstance(entry.get("mode", "affine"), str):
+            raise ConvertError(where, f"{name} mode must be a string")
+    for k, v in q.items():
+        if k not in ("group_size", "bits", "mode") and not isinstance(v, (bool, dict)):
+            raise ConvertError(where, f"quantization[{k!r}] must be an object or a boolean")
+
+
+def check_mlx_lm_loads(src: Path, config: dict) -> None:
+    """ConvertError naming ``src/config.json`` if mlx-lm cannot load the checkpoint ``src``."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    _check_quantization(config, src / "config.json")
+    try:
+        load_model(src, lazy=True, strict=True)
+        with _quiet_transformers():
+            load_tokenizer(src)  # transformers reads config.json too, with its own type checks
+    except Exception as e:  # mlx-lm raises ValueError, TypeError, KeyError, ZeroDivisionError...
+        raise ConvertError(
+            src / "config.json",
+            f"mlx-lm cannot load this checkpoint ({type(e).__name__}: {_one_line(e)})",
+        ) from None
