@@ -7,7 +7,7 @@ import sys
 import time
 
 from .firstuse import start_slow_notice, warm_up
-from .options import add_runtime_options, error_line, load_options
+from .options import add_runtime_options, error_line, load_options, read_prompt
 
 PROG = "flashmoe-run"
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prompt_tokens(args, tokenizer) -> list[int]:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args)
     if args.ignore_chat_template or tokenizer.chat_template is None:
         return tokenizer.encode(prompt)
     messages = []

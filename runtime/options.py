@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from ..layouts.hub import error_line as error_line  # re-exported for the CLIs
 
@@ -54,6 +55,20 @@ def _check_text(name: str, text) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
         raise ValueError(f"{name} is not valid UTF-8") from None
+
+
+def read_prompt(args: argparse.Namespace, stdin=None) -> str:
+    """``--prompt``, or standard input for ``-`` (strict UTF-8, not empty; ValueError otherwise)."""
+    if args.prompt != "-":
+        return args.prompt
+    data = (stdin or sys.stdin.buffer).read()
+    try:
+        prompt = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin: the prompt is not valid UTF-8 (byte {e.start})") from None
+    if not prompt.strip():
+        raise ValueError("stdin: the prompt is empty")
+    return prompt
 
 
 def check_generation_options(args: argparse.Namespace) -> None:

@@ -100,3 +100,25 @@ def test_chat_refuses_a_line_that_is_not_utf8(layout):
     assert r.returncode == 0, r.stderr
     assert b"(that line is not valid UTF-8; type it again)" in r.stdout
     assert b"last answer: " in r.stdout  # the next line was answered
+
+
+@pytest.mark.parametrize(
+    "stdin, message",
+    [
+        (b"caf\xe9", "stdin: the prompt is not valid UTF-8 (byte 3)"),
+        (b"", "stdin: the prompt is empty"),
+        (b" \n", "stdin: the prompt is empty"),
+    ],
+)
+def test_run_bad_stdin_prompt(layout, stdin, message):
+    _, out = layout("qwen3_5_moe")
+    r = subprocess.run(
+        [sys.executable, "-m", "flashmoe.runtime.cli", str(out), "--prompt", "-"],
+        input=stdin,
+        capture_output=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines()[-1] == f"flashmoe-run: error: {message}"
+    assert b"Traceback" not in r.stderr
