@@ -234,6 +234,9 @@ def _server_classes():
                 self.close_connection = True
             except GenerationFailed as e:
                 self._fail_response(e)
+            except UnicodeDecodeError as e:  # the stock handler decodes the body unchecked
+                self.close_connection = True
+                self._reply(400, {"error": f"request body is not valid UTF-8 (byte {e.start})"})
 
         def _fail_response(self, e: GenerationFailed) -> None:
             """Answer a request whose generation failed: 500, or an error event once streaming."""

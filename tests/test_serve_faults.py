@@ -159,3 +159,50 @@ def test_unresolvable_host_exits_promptly(layout):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("flashmoe-serve: error: --host no.such.host.invalid: ")
     assert time.monotonic() - start < 60
+
+
+FUZZ_KEYS = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "logit_bias", "seed", "stop",
+             "messages", "stream", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "repetition_context_size", "logprobs", "top_logprobs", "model", "tools",
+             "role_mapping", "chat_template_kwargs", "stream_options", "xtc_probability",
+             "max_completion_tokens", "num_draft_tokens", "adapters", "n"]  # fmt: skip
+FUZZ_VALUES = ["NaN", "Infinity", "-Infinity", "-1", "0", "1", "2", "0.5", "1e308", "-1e308",
+               "99999999999999999999999", "true", "false", "null", '""', '"x"', "[]", "{}",
+               '["a", 1]', '{"1": 1}', '{"99999999": 5}', '[{"role": "user", "content": 1}]',
+               '[{"role": "user", "content": "hi"}]', '{"include_usage": "x"}']  # fmt: skip
+
+
+def test_fuzz_requests(served):
+    """Mutated chat requests (fixed seed): a 200 or a 4xx with a one-line error, never a 5xx,
+    a dropped connection or a changed answer afterwards."""
+    import random
+
+    server, _ = served
+
+    def content() -> str:
+        status, r = server.post(CHAT, chat("Hello world", 8))
+        assert status == 200, r
+        return r["choices"][0]["message"]["content"]
+
+    reference = content()
+    rng = random.Random(15)
+    statuses: dict[int, int] = {}
+    for case in range(200):
+        fields = {"messages": '[{"role": "user", "content": "hi"}]', "max_tokens": "2"}
+        for _ in range(rng.choice([1, 2, 3])):
+            fields[rng.choice(FUZZ_KEYS)] = rng.choice(FUZZ_VALUES)
+        raw = ("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}").encode()
+        if case % 20 == 0:
+            raw = raw.replace(b'"hi"', b'"h\xff"')  # not UTF-8
+        if case % 20 == 10:
+            raw = raw[:-1] + b', "max_tokens": 3}'  # a duplicate key (the last one wins)
+        status, data = server.post_raw(CHAT, raw)
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (200, 400, 404), (case, raw, status, data[:300])
+        if status != 200:
+            error = json.loads(data)["error"]
+            assert error and "\n" not in error, (case, raw, error)
+    print(f"request fuzz: {statuses}")
+    assert statuses.get(400, 0) > 40 and statuses.get(200, 0) > 5, statuses
+    assert server.get("/health") == (200, {"status": "ok"})
+    assert content() == reference
