@@ -73,6 +73,19 @@ def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def _reserve_std_fds() -> None:
+    """Open /dev/null on closed stdin/stdout/stderr: a file opened later must not get fd 0 (MLX's
+    safetensors loader takes fd 0 for a failed open)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            new = os.open(os.devnull, os.O_RDWR)
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)
+
+
 def _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k) -> None:
     """Refuse mistyped ``load`` arguments with one line (not ``std::bad_cast`` later)."""
     for name, value in (("bank_experts", bank_experts), ("k", k)):
@@ -228,6 +241,7 @@ def load(
     (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
     """
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
+    _reserve_std_fds()
     root = resolve_model_path(path_or_repo, revision=revision)
     index = read_index(root)
     tc = text_config(index.config)
@@ -286,7 +300,7 @@ def load(
         except Exception as e:  # mlx-lm / transformers on a config they cannot use
             text = " ".join(str(e).split())[:300] or type(e).__name__
             raise LayoutError(
-                f"{root}: mlx-lm cannot build the model or tokenizer from this layout's config "
+                f"{root}: mlx-lm failed to build the model or tokenizer "
                 f"({type(e).__name__}: {text})"
             ) from None
     except BaseException:

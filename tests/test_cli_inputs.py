@@ -122,3 +122,16 @@ def test_run_bad_stdin_prompt(layout, stdin, message):
     assert r.returncode == 2
     assert r.stderr.decode().splitlines()[-1] == f"flashmoe-run: error: {message}"
     assert b"Traceback" not in r.stderr
+
+
+def test_run_with_stdin_closed(layout):
+    """A closed fd 0 must not be taken by a layout file (MLX treats fd 0 as a failed open)."""
+    _, out = layout("qwen3_5_moe")
+    r = subprocess.run(
+        [sys.executable, "-m", "flashmoe.runtime.cli", str(out), "--prompt", "hi", "-m", "2"],
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
