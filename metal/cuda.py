@@ -84,6 +84,11 @@ class CudaDevice:
             text = msg.value.decode() if msg.value else f"error {rc}"
             raise CudaError(f"CUDA {what} failed: {text}")
 
+    @property
+    def context(self) -> int:
+        """The address of MLX's (primary) CUDA context."""
+        return self._ctx.value
+
     def bind(self) -> None:
         """Make MLX's context current on the calling thread (driver calls need it)."""
         self._check("cuCtxSetCurrent", self._cu.cuCtxSetCurrent(self._ctx))

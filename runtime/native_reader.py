@@ -50,6 +50,11 @@ class NativeReader:
     def submit(self, requests: Sequence[ReadRequest]):  # noqa: F811 - replaced per instance
         return self._pool.submit(requests)
 
+    def set_device(self, context: int) -> None:
+        """Run requests' device copies (a fifth element: packed uint64 (device, host, bytes)
+        triples) in this CUDA context, each right after its read, on the worker's own stream."""
+        self._pool.set_device(context)
+
     def read(self, requests: Sequence[ReadRequest]) -> None:
         """Submit and wait."""
         self._pool.submit(requests).wait()

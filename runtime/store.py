@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..layouts import Index, safe_relative_path
 from ..metal import cuda
@@ -99,6 +100,9 @@ class ExpertStore:
         self._staging: memoryview | None = None
         self._staging_records = 0
         self._bank_addresses: dict[int, list[int]] = {}
+        self._copies_in_pool = False
+        self._bank_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._component_offsets: np.ndarray | None = None
         for entry in index.layers:
             path = safe_relative_path(self.root, entry.file, "layer file")
             try:
@@ -125,6 +129,10 @@ class ExpertStore:
                 self._setup_residency(bank)
             if self._cuda is not None:
                 self._bank_addresses[layer] = [cuda.address(v) for v in bank.slot_buffers(0)]
+                self._bank_arrays[layer] = (
+                    np.array(self._bank_addresses[layer], dtype=np.uint64),
+                    np.array(bank.slot_nbytes, dtype=np.uint64),
+                )
         return bank
 
     def _setup_residency(self, bank: ExpertBank) -> None:
@@ -137,6 +145,18 @@ class ExpertStore:
             # (prefill) go in rounds of this many records.
             self._staging_records = max(1, min(self.slots, 32))
             self._staging = self._cuda.pinned(self._staging_records * self.index.record_size)
+            # The native pool copies each chunk to the device right after reading it (the DMA
+            # of one chunk overlaps the reads of the others); other readers copy after the wait.
+            set_device = getattr(self.reader, "set_device", None)
+            if set_device is not None:
+                try:
+                    set_device(self._cuda.context)
+                    self._copies_in_pool = True
+                except OSError:  # the pool could not load libcuda: copy after each wait
+                    pass
+            # Record coordinates of the components, for the per-chunk copy triples.
+            sizes = np.array([c.nbytes for c in self.index.components], dtype=np.uint64)
+            self._component_offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.uint64)
 
     def _chunks(self, layer: int, bank: ExpertBank, slot: int):
         key = (layer, slot)
@@ -203,36 +223,55 @@ class ExpertStore:
     def _read_staged(
         self, layer: int, bank: ExpertBank, part: list[tuple[int, int]], misses
     ) -> None:
-        """Read ``part`` into pinned staging, then DMA each record's tensors to its slot."""
+        """Read ``part`` into pinned staging and DMA each record's tensors to its slot.
+
+        With the native pool each read request carries its chunk's copies (run by the worker
+        that read it); otherwise all copies are queued after the wait. Either way every copy
+        has finished when this returns (staging is reused by the next round or call).
+        """
         fd, path = self._fds[layer], self._paths[layer]
         record = self.index.record_size
+        base = cuda.address(self._staging)
         requests, nbytes = [], 0
-        for i, (e, _) in enumerate(part):
-            for start, bufs, length in self._staged_chunks(i):
-                requests.append(ReadRequest(fd, e * record + start, bufs, path))
-                nbytes += length
+        if self._copies_in_pool:
+            addrs, sizes = self._bank_arrays[layer]
+            for i, (e, slot) in enumerate(part):
+                dst_base = addrs + np.uint64(slot) * sizes - self._component_offsets
+                src_base = np.uint64(base + i * record)
+                for start, bufs, length, comp, lo, n in self._staged_chunks(i):
+                    triples = np.empty((comp.size, 3), dtype=np.uint64)
+                    triples[:, 0] = dst_base[comp] + lo
+                    triples[:, 1] = src_base + lo
+                    triples[:, 2] = n
+                    requests.append((fd, e * record + start, bufs, path, triples.tobytes()))
+                    nbytes += length
+        else:
+            for i, (e, _) in enumerate(part):
+                for start, bufs, length, *_ in self._staged_chunks(i):
+                    requests.append(ReadRequest(fd, e * record + start, bufs, path))
+                    nbytes += length
         batch = self.reader.submit(requests)
         try:
             batch.wait()
-            staging = self._staging
             if self.verify:
+                staging, size = self._staging, self.index.expert_bytes
                 self._check(
                     layer,
                     [
-                        (e, (staging[i * record : i * record + self.index.expert_bytes],))
+                        (e, (staging[i * record : i * record + size],))
                         for i, (e, _) in enumerate(part)
                     ],
                 )
-            base = cuda.address(staging)
-            copies = []
-            for i, (_, slot) in enumerate(part):
-                src = base + i * record
-                for a, n in self._ranges(layer, bank):
-                    copies.append((a + slot * n, src, n))
-                    src += n
-            self._cuda.bind()
-            self._cuda.copy_to_device(copies)
-            self._cuda.synchronize()  # staging is reused by the next round / call
+            if not self._copies_in_pool:
+                copies = []
+                for i, (_, slot) in enumerate(part):
+                    src = base + i * record
+                    for a, n in self._ranges(layer, bank):
+                        copies.append((a + slot * n, src, n))
+                        src += n
+                self._cuda.bind()
+                self._cuda.copy_to_device(copies)
+                self._cuda.synchronize()
         except BaseException:
             _drain(batch)
             bank.abort(misses)
@@ -240,16 +279,33 @@ class ExpertStore:
         self.stats.bytes_read += nbytes
 
     def _staged_chunks(self, i: int):
+        """Per chunk of staging record ``i``: (start, views, length, components, lo, nbytes).
+
+        ``components``/``lo``/``nbytes`` (numpy) are the pieces of the component tensors the
+        chunk holds, in record coordinates: what its device copies are made of.
+        """
         key = (-1, i)
         chunks = self._chunk_cache.get(key)
         if chunks is None:
-            record = self.index.record_size
-            size = record if self.direct else self.index.expert_bytes
+            record, expert = self.index.record_size, self.index.expert_bytes
+            size = record if self.direct else expert
             view = self._staging[i * record : i * record + size]
-            chunks = self._chunk_cache[key] = [
-                (start, bufs, sum(b.nbytes for b in bufs))
-                for start, bufs in split_buffers((view,), self.plan)
-            ]
+            offsets = [int(o) for o in self._component_offsets]
+            ends = [o + c.nbytes for o, c in zip(offsets, self.index.components, strict=True)]
+            chunks = []
+            for start, bufs in split_buffers((view,), self.plan):
+                length = sum(b.nbytes for b in bufs)
+                end = min(start + length, expert)  # record padding is never copied
+                pieces = [
+                    (c, max(start, o), min(end, e))
+                    for c, (o, e) in enumerate(zip(offsets, ends, strict=True))
+                    if max(start, o) < min(end, e)
+                ]
+                comp = np.array([p[0] for p in pieces], dtype=np.int64)
+                lo = np.array([p[1] for p in pieces], dtype=np.uint64)
+                n = np.array([p[2] - p[1] for p in pieces], dtype=np.uint64)
+                chunks.append((start, bufs, length, comp, lo, n))
+            self._chunk_cache[key] = chunks
         return chunks
 
     def clear_banks(self) -> None:

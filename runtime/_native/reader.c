@@ -9,10 +9,17 @@
  * the caller's buffers), 1 pool-mutex round trip (claim the next job and retire the previous one together).
  * Per batch: 1 mutex + 1 broadcast to wake workers, 1 broadcast when the last job retires, and one
  * fcntl(F_GETFL) per distinct fd (to validate O_DIRECT alignment before anything is issued).
+ *
+ * Device copies (MLX's CUDA backend, see metal/cuda.py): a request may carry a fifth element, packed
+ * uint64 triples (device address, host address, bytes). The worker that read the request then queues
+ * those host -> device copies (cuMemcpyHtoDAsync) on its own CUDA stream and syncs it before the job
+ * retires, so the DMA of one chunk overlaps the reads of the others. libcuda is found with dlopen at
+ * Pool.set_device(context); nothing CUDA is linked. Per request: +1 driver call per triple, +1 sync.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -27,7 +34,24 @@
 #define IOV_MAX 1024
 #endif
 
-#define EOF_ERR (-1) /* job.err value for "end of file before the buffers were full" */
+#define EOF_ERR (-1)  /* job.err value for "end of file before the buffers were full" */
+#define CUDA_ERR (-2) /* job.err value for "a device copy failed" (job.cuerr holds the CUresult) */
+
+/* The few CUDA driver entry points the device copies need (resolved with dlsym, never linked). */
+typedef int (*cu_ctx_set_current_t)(void *ctx);
+typedef int (*cu_stream_create_t)(void **stream, unsigned flags);
+typedef int (*cu_stream_sync_t)(void *stream);
+typedef int (*cu_memcpy_htod_async_t)(unsigned long long dst, const void *src, size_t n, void *stream);
+typedef int (*cu_error_string_t)(int rc, const char **msg);
+static struct {
+    cu_ctx_set_current_t ctx_set_current;
+    cu_stream_create_t stream_create;
+    cu_stream_sync_t stream_sync;
+    cu_memcpy_htod_async_t memcpy_htod_async;
+    cu_error_string_t error_string;
+} cu;
+static __thread void *tls_stream; /* this worker's copy stream (created on its first device job) */
+static __thread void *tls_ctx;
 
 static PyObject *ReadError; /* flashmoe.runtime.reader.ReadError */
 static PyObject *str_fd, *str_offset, *str_buffers, *str_path;
@@ -39,7 +63,10 @@ typedef struct {
     struct iovec *iov; /* into the batch's iovec array; advanced in place on short reads */
     size_t length;
     size_t done; /* bytes read when an error stopped the job */
-    int err;     /* 0, an errno, or EOF_ERR */
+    int err;     /* 0, an errno, EOF_ERR or CUDA_ERR */
+    int cuerr;   /* the CUresult when err == CUDA_ERR */
+    const unsigned long long *copies; /* (device, host, bytes) triples to copy after the read */
+    Py_ssize_t ncopies;
 } Job;
 
 typedef struct Pool Pool;
@@ -54,6 +81,7 @@ typedef struct BatchObject {
     Py_ssize_t next;      /* next job to claim (pool mutex) */
     Py_ssize_t remaining; /* jobs not yet retired (pool mutex) */
     struct iovec *iovs;
+    unsigned long long *copies; /* every job's copy triples, back to back */
     Py_buffer *views;
     Py_ssize_t nviews;
     struct BatchObject *qnext; /* pool queue link (pool mutex) */
@@ -69,6 +97,7 @@ struct Pool {
     pthread_t *threads;
     int nthreads;
     int shutdown;
+    void *cuda_ctx; /* the CUDA context device copies run in (Pool.set_device) */
 };
 
 typedef struct {
@@ -116,6 +145,30 @@ static void run_job(Job *j)
     }
 }
 
+/* Queue the job's host -> device copies on this worker's stream and wait for them. */
+static void run_copies(Job *j, void *ctx)
+{
+    int rc = 0;
+    if (tls_ctx != ctx) {
+        rc = cu.ctx_set_current(ctx);
+        if (rc == 0 && tls_stream == NULL)
+            rc = cu.stream_create(&tls_stream, 1 /* CU_STREAM_NON_BLOCKING */);
+        if (rc == 0)
+            tls_ctx = ctx;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < j->ncopies; i++) {
+        const unsigned long long *c = &j->copies[3 * i];
+        rc = cu.memcpy_htod_async(c[0], (const void *)(uintptr_t)c[1], (size_t)c[2], tls_stream);
+    }
+    if (rc == 0)
+        rc = cu.stream_sync(tls_stream);
+    if (rc != 0) {
+        j->err = CUDA_ERR;
+        j->cuerr = rc;
+        j->done = j->length;
+    }
+}
+
 static void *worker(void *arg)
 {
     Pool *p = (Pool *)arg;
@@ -140,6 +193,8 @@ static void *worker(void *arg)
         }
         pthread_mutex_unlock(&p->mu);
         run_job(j);
+        if (j->err == 0 && j->ncopies > 0)
+            run_copies(j, p->cuda_ctx);
         finished = b;
         pthread_mutex_lock(&p->mu);
     }
@@ -230,7 +285,15 @@ static PyObject *raise_job_error(BatchObject *b, Py_ssize_t i)
         return NULL;
     PyObject *msg;
     int code;
-    if (j->err == EOF_ERR) {
+    if (j->err == CUDA_ERR) {
+        const char *what = NULL;
+        if (cu.error_string == NULL || cu.error_string(j->cuerr, &what) != 0 || what == NULL)
+            what = "unknown CUDA error";
+        code = EIO;
+        msg = PyUnicode_FromFormat("device copy after the read of %zu bytes at offset %lld from %S "
+                                   "failed: CUDA error %d (%s)",
+                                   j->length, (long long)j->offset, path, j->cuerr, what);
+    } else if (j->err == EOF_ERR) {
         code = EIO;
         msg = PyUnicode_FromFormat("read of %zu bytes at offset %lld from %S: end of file after %zu bytes",
                                    j->length, (long long)j->offset, path, j->done);
@@ -284,6 +347,7 @@ static void Batch_dealloc(BatchObject *b)
     Py_XDECREF(b->owner);
     PyMem_Free(b->jobs);
     PyMem_Free(b->iovs);
+    PyMem_Free(b->copies);
     PyMem_Free(b->views);
     Py_TYPE(b)->tp_free((PyObject *)b);
 }
@@ -333,9 +397,10 @@ static int direct_error(PyObject *req, size_t length, long long offset, const ch
 }
 
 /* Fetch (fd, offset, buffers) of one request: a ReadRequest or a (fd, offset, buffers[, path]) tuple. */
-static int unpack_request(PyObject *req, int *fd, long long *offset, PyObject **bufs)
+static int unpack_request(PyObject *req, int *fd, long long *offset, PyObject **bufs, PyObject **copies)
 {
     PyObject *ofd, *ooff, *obufs;
+    *copies = NULL;
     if (PyTuple_Check(req)) {
         if (PyTuple_GET_SIZE(req) < 3) {
             PyErr_SetString(PyExc_TypeError, "a request tuple is (fd, offset, buffers[, path])");
@@ -344,6 +409,10 @@ static int unpack_request(PyObject *req, int *fd, long long *offset, PyObject **
         ofd = PyTuple_GET_ITEM(req, 0);
         ooff = PyTuple_GET_ITEM(req, 1);
         obufs = PyTuple_GET_ITEM(req, 2);
+        if (PyTuple_GET_SIZE(req) > 4 && PyTuple_GET_ITEM(req, 4) != Py_None) {
+            *copies = PyTuple_GET_ITEM(req, 4);
+            Py_INCREF(*copies);
+        }
         Py_INCREF(ofd);
         Py_INCREF(ooff);
         Py_INCREF(obufs);
@@ -398,26 +467,65 @@ static PyObject *Pool_submit(PoolObject *self, PyObject *arg)
     b->next = 0;
     b->remaining = n;
     b->iovs = NULL;
+    b->copies = NULL;
     b->views = NULL;
     b->nviews = 0;
     b->qnext = NULL;
     b->released = 0;
     b->failed = -1;
 
-    /* pass 1: unpack the requests, count the buffers */
+    /* pass 1: unpack the requests, count the buffers and copy triples */
     PyObject **bufseqs = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    PyObject **copyobjs = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
     b->jobs = PyMem_Calloc(n ? n : 1, sizeof(Job));
-    if (bufseqs == NULL || b->jobs == NULL) {
+    if (bufseqs == NULL || copyobjs == NULL || b->jobs == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
-    Py_ssize_t nbufs = 0;
+    Py_ssize_t nbufs = 0, ntriples = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         long long off;
-        if (unpack_request(PySequence_Fast_GET_ITEM(reqs, i), &b->jobs[i].fd, &off, &bufseqs[i]) < 0)
+        if (unpack_request(PySequence_Fast_GET_ITEM(reqs, i), &b->jobs[i].fd, &off, &bufseqs[i],
+                           &copyobjs[i]) < 0)
             goto fail;
         b->jobs[i].offset = (off_t)off;
         nbufs += PySequence_Fast_GET_SIZE(bufseqs[i]);
+        if (copyobjs[i] != NULL) {
+            if (self->pool->cuda_ctx == NULL) {
+                PyErr_SetString(PyExc_ValueError, "a request has device copies but set_device() was not called");
+                goto fail;
+            }
+            Py_buffer cv;
+            if (PyObject_GetBuffer(copyobjs[i], &cv, PyBUF_C_CONTIGUOUS) < 0)
+                goto fail;
+            Py_ssize_t len = cv.len;
+            PyBuffer_Release(&cv);
+            if (len % (Py_ssize_t)(3 * sizeof(unsigned long long))) {
+                PyErr_SetString(PyExc_ValueError, "device copies must be packed uint64 triples");
+                goto fail;
+            }
+            b->jobs[i].ncopies = len / (Py_ssize_t)(3 * sizeof(unsigned long long));
+            ntriples += b->jobs[i].ncopies;
+        }
+    }
+    if (ntriples) {
+        b->copies = PyMem_Calloc((size_t)ntriples * 3, sizeof(unsigned long long));
+        if (b->copies == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        Py_ssize_t at = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (copyobjs[i] == NULL)
+                continue;
+            Py_buffer cv;
+            if (PyObject_GetBuffer(copyobjs[i], &cv, PyBUF_C_CONTIGUOUS) < 0)
+                goto fail;
+            memcpy(&b->copies[3 * at], cv.buf, (size_t)b->jobs[i].ncopies * 3 * sizeof(unsigned long long));
+            PyBuffer_Release(&cv);
+            b->jobs[i].copies = &b->copies[3 * at];
+            at += b->jobs[i].ncopies;
+        }
     }
     /* pass 2: a writable contiguous view and one iovec per non-empty buffer */
     b->views = PyMem_Calloc(nbufs ? nbufs : 1, sizeof(Py_buffer));
@@ -480,10 +588,14 @@ static PyObject *Pool_submit(PoolObject *self, PyObject *arg)
         (void)last_fd, (void)last_direct, (void)align;
 #endif
     }
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; i < n; i++) {
         Py_DECREF(bufseqs[i]);
+        Py_XDECREF(copyobjs[i]);
+    }
     PyMem_Free(bufseqs);
+    PyMem_Free(copyobjs);
     bufseqs = NULL;
+    copyobjs = NULL;
 
     Pool *p = self->pool;
     b->pool = p;
@@ -512,12 +624,46 @@ fail:
             Py_XDECREF(bufseqs[i]);
         PyMem_Free(bufseqs);
     }
+    if (copyobjs != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_XDECREF(copyobjs[i]);
+        PyMem_Free(copyobjs);
+    }
     for (Py_ssize_t i = 0; i < b->nviews; i++)
         PyBuffer_Release(&b->views[i]);
     b->nviews = 0;
     b->released = 1;
     Py_DECREF(b);
     return NULL;
+}
+
+/* set_device(context): run requests' device copies in this CUDA context (a CUcontext address). */
+static PyObject *Pool_set_device(PoolObject *self, PyObject *arg)
+{
+    unsigned long long ctx = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (cu.memcpy_htod_async == NULL) {
+        void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (lib == NULL) {
+            PyErr_Format(PyExc_OSError, "cannot load libcuda.so.1: %s", dlerror());
+            return NULL;
+        }
+        cu.ctx_set_current = (cu_ctx_set_current_t)dlsym(lib, "cuCtxSetCurrent");
+        cu.stream_create = (cu_stream_create_t)dlsym(lib, "cuStreamCreate");
+        cu.stream_sync = (cu_stream_sync_t)dlsym(lib, "cuStreamSynchronize");
+        cu.error_string = (cu_error_string_t)dlsym(lib, "cuGetErrorString");
+        cu.memcpy_htod_async = (cu_memcpy_htod_async_t)dlsym(lib, "cuMemcpyHtoDAsync_v2");
+        if (!cu.ctx_set_current || !cu.stream_create || !cu.stream_sync || !cu.memcpy_htod_async) {
+            cu.memcpy_htod_async = NULL;
+            PyErr_SetString(PyExc_OSError, "libcuda.so.1 lacks the driver functions device copies need");
+            return NULL;
+        }
+    }
+    pthread_mutex_lock(&self->pool->mu);
+    self->pool->cuda_ctx = (void *)(uintptr_t)ctx;
+    pthread_mutex_unlock(&self->pool->mu);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Pool_close(PoolObject *self, PyObject *Py_UNUSED(ignored))
@@ -595,6 +741,8 @@ static PyMethodDef Pool_methods[] = {
     {"submit", (PyCFunction)Pool_submit, METH_O,
      "Queue a batch of ReadRequest (or (fd, offset, buffers, path) tuples); return a Batch."},
     {"close", (PyCFunction)Pool_close, METH_NOARGS, "Finish queued batches and stop the workers."},
+    {"set_device", (PyCFunction)Pool_set_device, METH_O,
+     "set_device(context): run requests' (device, host, bytes) copies in this CUDA context."},
     {NULL},
 };
 
