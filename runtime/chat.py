@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .options import add_runtime_options, error_line, load_options
+from .options import add_runtime_options, check_prompt_length, error_line, load_options
 
 PROG = "flashmoe-chat"
 HELP = "commands: /reset (new conversation)  /stats  /help  /quit;  Ctrl-C stops an answer"
@@ -148,6 +148,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             full = self._render()
+            check_prompt_length(self.model, len(full), "the conversation")
         except BaseException:
             self.messages.pop()
             raise

@@ -7,7 +7,13 @@ import sys
 import time
 
 from .firstuse import start_slow_notice, warm_up
-from .options import add_runtime_options, error_line, load_options, read_prompt
+from .options import (
+    add_runtime_options,
+    check_prompt_length,
+    error_line,
+    load_options,
+    read_prompt,
+)
 
 PROG = "flashmoe-run"
 
@@ -148,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import load
 
         model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
-        generate(model, tokenizer, _prompt_tokens(args, tokenizer), args)
+        prompt = _prompt_tokens(args, tokenizer)
+        check_prompt_length(model, len(prompt))
+        generate(model, tokenizer, prompt, args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

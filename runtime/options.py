@@ -71,6 +71,16 @@ def read_prompt(args: argparse.Namespace, stdin=None) -> str:
     return prompt
 
 
+def check_prompt_length(model, n: int, what: str = "the prompt") -> None:
+    """ValueError if ``n`` prompt tokens exceed the model's context (``max_position_embeddings``)."""
+    config = model.flashmoe.index.config
+    limit = config.get("text_config", config).get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and n > limit:
+        raise ValueError(
+            f"{what} has {n} tokens; the model's context is {limit} (max_position_embeddings)"
+        )
+
+
 def check_generation_options(args: argparse.Namespace) -> None:
     """One-line ValueErrors for the generation options a CLI defines (those it has)."""
     ranges = {"temp": (0, math.inf), "top_p": (0, 1), "min_p": (0, 1)}

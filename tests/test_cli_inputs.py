@@ -135,3 +135,30 @@ def test_run_with_stdin_closed(layout):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_prompt_longer_than_the_context(layout):
+    _, out = layout("qwen3_5_moe")  # max_position_embeddings 4096
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NO_COLOR="1")
+    long = "a b " * 4000
+    r = subprocess.run(
+        [sys.executable, "-m", "flashmoe.runtime.cli", str(out), "--prompt", long, "-m", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("flashmoe-run: error: the prompt has ") and "context is 4096" in last
+    r = subprocess.run(
+        [sys.executable, "-m", "flashmoe.runtime.chat", str(out), "-m", "2"],
+        input=f"{long}\nHello world\n/stats\n/quit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "flashmoe-chat: error: the conversation has " in r.stdout
+    assert "last answer: " in r.stdout
