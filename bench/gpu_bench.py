@@ -10,7 +10,8 @@ row reuses them. Per configuration (bank size x residency mode x warm/cold):
   ms per token.
 
 A full bank is filled (every expert read) before the clock starts, so its row measures the first
-tokens after the fill. Partial banks start empty with the page cache warm (or dropped, cold).
+tokens after the fill (after a 4-token warm-up that compiles the row's kernels, as stock mlx-lm
+gets one). Partial banks start empty with the page cache warm (or dropped, cold).
 Reference rates measured in the same run: host -> device copies of the same bytes (pageable and
 pinned), and the disk's own O_DIRECT random-read rate at the request size of the split.
 """
@@ -305,6 +306,9 @@ def _measure(args, root, bank, split, cold, prompt, ref_logits, stock_ids, load,
         logits = _prefill_logits(model, prompt)
         out["residency"] = store.residency
         out["prefill_identical"] = bool(mx.array_equal(logits, ref_logits).item())
+        # compile this row's decode kernels (e.g. the full bank's id->slot gather) off the clock,
+        # as stock mlx-lm's warm-up does; partial banks are emptied again below
+        _decode(model, prompt, 4)
         runs = []
         for _ in range(max(1, args.repeat)):
             if not full:
