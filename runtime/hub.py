@@ -168,7 +168,7 @@ def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:
     marker = _marker_path(root)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # concurrent pulls
         tmp.write_text(json.dumps(_fingerprint(root)))
         os.replace(tmp, marker)
     except OSError:

@@ -79,3 +79,20 @@ def test_bytes_flipped_in_place_with_mtime_kept_are_caught(hub, tiny_layout, vic
     with pytest.raises(LayoutError, match="sha256 mismatch"):
         pull(REPO, progress=False)
 
+
+def test_two_pulls_into_one_cache_at_once(hub, tiny_layout):
+    import subprocess
+    import sys
+
+    put_layout(hub, tiny_layout)
+    cmd = [sys.executable, "-m", "flashmoe.runtime.hub", REPO, "--quiet"]
+    env = dict(hub.env, PYTHONWARNINGS="ignore")
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    roots = {out.strip() for out, _ in results}
+    assert len(roots) == 1
+    assert is_verified(Path(roots.pop()))
