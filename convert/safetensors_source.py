@@ -120,11 +120,11 @@ def parse_shard(directory: Path, name: str) -> tuple[ShardFile, list[TensorInfo]
             dtype, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise ConvertError(path, f"tensor {key}: malformed header entry {meta!r}") from None
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise ConvertError(path, f"tensor {key}: unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise ConvertError(path, f"tensor {key}: bad shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end):
             raise ConvertError(path, f"tensor {key}: bad data_offsets [{begin}, {end}]")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != expected:
@@ -198,3 +198,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"tensor {extra[0]} is not listed in {INDEX_JSON}",
             )
     return Checkpoint(directory, config, shards, tensors)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -170,3 +170,49 @@ def test_checkpoint_mlx_lm_cannot_load_is_refused(checkpoint, tmp_path):
     with pytest.raises(ConvertError) as info:
         convert_checkpoint(src, tmp_path / "b", progress=False)
     assert "\n" not in str(info.value) and "model.layers.4." in str(info.value), info.value
+
+
+def _rewrite_header(path: Path, header: dict, raw: bytes) -> None:
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_fuzz_shard_headers(checkpoint, tmp_path):
+    import struct
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3_moe"), src)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    original = json.loads(raw[8 : 8 + n])
+    rng = random.Random(SEED)
+    outcomes = {"refused": 0, "converted": 0}
+    deadline = time.monotonic() + BUDGET_S
+    for case in range(80):
+        if time.monotonic() > deadline:
+            break
+        header = json.loads(json.dumps(original))
+        what = mutate(header, rng)[0]
+        _rewrite_header(shard, header, raw)
+        out = tmp_path / f"out{case}"
+        try:
+            convert_checkpoint(src, out, progress=False)
+        except ConvertError as e:
+            msg = str(e)
+            assert "\n" not in msg and msg.startswith(str(src)), (case, what, msg)
+            outcomes["refused"] += 1
+            continue
+        except Exception as e:  # pragma: no cover
+            pytest.fail(f"case {case} ({what}): {type(e).__name__}: {e}")
+        verify_layout(out)
+        model, tokenizer = load(str(out), bank_experts=4)
+        generate(model, tokenizer, "hi", max_tokens=2)
+        outcomes["converted"] += 1
+        shutil.rmtree(out)
+    shard.write_bytes(raw)
+    print(f"shard header fuzz: {case + 1} cases, {outcomes}")
+    assert outcomes["refused"] > 20, outcomes
