@@ -172,15 +172,18 @@ def _check_types(index: Index) -> str | None:
     if not isinstance(index.config, dict) or not isinstance(index.model_type, str):
         return "config must be an object and model_type a string"
     for c in index.components:
+        if not isinstance(c.name, str):
+            return f"component name {c.name!r} must be a string"
+        if not isinstance(c.dtype, str) or c.dtype not in DTYPE_SIZES:
+            return f"component {c.name!r}: dtype {c.dtype!r} is not one of {sorted(DTYPE_SIZES)}"
         if not (
-            isinstance(c.name, str)
-            and c.dtype in DTYPE_SIZES
-            and isinstance(c.shape, list)
-            and all(_is_int(d) and d > 0 for d in c.shape)
-            and all(_is_int(v) for v in (c.offset, c.nbytes, c.bits, c.group_size))
-            and isinstance(c.mode, str)
+            isinstance(c.shape, list) and c.shape and all(_is_int(d) and d > 0 for d in c.shape)
         ):
-            return f"component {c.name!r} is malformed (dtype must be one of {sorted(DTYPE_SIZES)})"
+            return f"component {c.name!r}: shape {c.shape!r} must be a list of positive integers"
+        if not (all(_is_int(v) for v in (c.offset, c.nbytes, c.bits, c.group_size))):
+            return f"component {c.name!r}: offset, nbytes, bits and group_size must be integers"
+        if not isinstance(c.mode, str):
+            return f"component {c.name!r}: mode must be a string"
     for entry in index.layers:
         if not (
             _is_int(entry.layer)

@@ -47,6 +47,11 @@ def _set(key, value):
         (lambda d: d["config"].__setitem__("text_config", [1]), "text_config must be an object"),
         (_set("model_type", ["qwen3_moe"]), "model_type a string"),
         (lambda d: d["files"][0].__setitem__("sha256", "x"), "sha256 must be 64 lowercase hex"),
+        (
+            lambda d: d["components"][1].__setitem__("shape", [0, 2]),
+            "component 'gate_proj.scales': shape [0, 2] must be a list of positive integers",
+        ),
+        (lambda d: d["components"][1].__setitem__("dtype", ["BF16"]), "dtype ['BF16'] is not one"),
     ],
 )
 def test_index_values_of_the_wrong_type_or_meaning_are_refused(copy, edit, needle):
