@@ -3,7 +3,9 @@
 Each step (one call per MoE layer: a decode token, or a prefill chunk) needs its distinct experts
 resident at once, as in the runtime: hits are the needed experts already resident, misses are read
 (``expert_bytes`` each) after evicting the policy's victims among the experts the step does not
-need. All layers of a step are replayed together, vectorized over layers, so 100k tokens x 60
+need. A step that needs more experts than a bank holds (a long prefill chunk, which the runtime
+splits into groups) counts its resident experts as hits and the rest as misses, and changes
+nothing. All layers of a step are replayed together, vectorized over layers, so 100k tokens x 60
 layers take seconds per policy and budget rather than minutes.
 
 Policies: ``lru`` (the runtime's today), ``lfu`` (frequency halved every ``AGE_STEPS`` steps),
@@ -33,6 +35,7 @@ POLICIES = ("lru", "lfu", "lfuda", "pin", "belady")
 SCOPES = ("layer", "global")
 PIN_FRACTION = 0.5
 NEVER = np.inf
+PINNED = 1e300
 
 
 @dataclass
@@ -47,7 +50,11 @@ class Demand:
     next_use: np.ndarray  # step at which the same (layer, expert) is needed next (inf: never)
     tokens: int
     layers: list[int]
-    max_need: int  # most distinct experts one step needs in one layer
+    step_need: np.ndarray  # per step, the most distinct experts it needs in one layer
+
+    @property
+    def max_need(self) -> int:
+        return int(self.step_need.max()) if self.step_need.size else 0
 
     @property
     def steps(self) -> int:
@@ -73,7 +80,7 @@ def demand(trace: Trace) -> Demand:
     same = pair[order[1:]] == pair[order[:-1]]
     nxt[order[:-1][same]] = step[order[1:]][same]
     tokens = trace.layers[layers[0]].experts.shape[0] if layers else 0
-    need = int(np.bincount(step * L + layer).max()) if key.size else 0
+    need = np.bincount(step * L + layer, minlength=steps * L).reshape(steps, L).max(axis=1)
     return Demand(L, E, ptr, layer, expert, nxt, tokens, layers, need)
 
 
@@ -109,7 +116,16 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
     hits = misses = 0
     for s in range(d.steps):
         a, b = d.ptr[s], d.ptr[s + 1]
-        lay, exp = d.layer[a:b], d.expert[a:b]
+        lay, exp, nxt = d.layer[a:b], d.expert[a:b], d.next_use[a:b]
+        if d.step_need[s] > per_layer or (scope == "global" and b - a > slots):
+            # a step that cannot fit (a long prefill chunk): its resident experts are hits,
+            # the rest misses, and it leaves those banks as they were (the runtime would split it)
+            big = np.bincount(lay, minlength=L) > capacity if scope == "layer" else np.ones(L, bool)
+            sel = big[lay]
+            h = int(resident[lay[sel], exp[sel]].sum())
+            hits += h
+            misses += int(sel.sum()) - h
+            lay, exp, nxt = lay[~sel], exp[~sel], nxt[~sel]
         hit = resident[lay, exp]
         h = int(hit.sum())
         hits += h
@@ -144,10 +160,10 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
             count[lay, exp] += 1
             prio[lay, exp] = count[lay, exp] + (clock[lay] if scope == "layer" else clock[0])
         else:  # belady: the farthest next use is evicted first
-            prio[lay, exp] = -d.next_use[a:b]
+            prio[lay, exp] = -nxt
         key[lay, exp] = prio[lay, exp] + s * tie
-        if pinned is not None:
-            key[lay, exp] = np.where(pinned[lay, exp], NEVER, key[lay, exp])
+        if pinned is not None:  # evicted only when nothing else can be (as PinnedLRUPolicy)
+            key[lay, exp] = np.where(pinned[lay, exp], PINNED, key[lay, exp])
         if policy == "lfu" and (s + 1) % AGE_STEPS == 0:
             recency = key[resident] - prio[resident]
             count *= 0.5
@@ -200,13 +216,13 @@ def _pinned(d: Demand, slots: int, scope: str) -> np.ndarray:
     pinned = np.zeros(freq.shape, dtype=bool)
     if scope == "layer":
         per_layer = slots // len(d.layers)
-        n = min(int(per_layer * PIN_FRACTION), per_layer - d.max_need)
+        n = min(int(per_layer * PIN_FRACTION), per_layer - int(np.median(d.step_need)))
         if n > 0:
             top = np.argsort(-freq, axis=1)[:, :n]
             rows = np.array(d.layers)
             pinned[rows[:, None], top[rows]] = True
     else:
-        n = min(int(slots * PIN_FRACTION), slots - d.max_need * len(d.layers))
+        n = min(int(slots * PIN_FRACTION), slots - int(np.median(d.step_need)) * len(d.layers))
         if n > 0:
             pinned.ravel()[np.argsort(-freq.ravel())[:n]] = True
     return pinned
