@@ -3,7 +3,8 @@
 Built on mlx-lm's ``stream_generate``, ``make_prompt_cache`` and ``make_sampler`` (``mlx_lm.chat``
 itself loads with ``mlx_lm.load`` and keeps no message history, so its loop is not reusable). The
 conversation is kept as messages and rendered with the chat template each turn; the KV cache is
-reused when the new rendering extends the tokens already in it, and rebuilt otherwise.
+reused for the prefix the new rendering shares with the tokens already in it (cut back to it when
+the cache can be trimmed; a linear-attention cache that cannot be is rebuilt when they diverge).
 """
 
 from __future__ import annotations
@@ -152,10 +153,8 @@ class ChatSession:
         except BaseException:
             self.messages.pop()
             raise
-        n = len(self.cached)
-        if self.cache is not None and 0 < n < len(full) and full[:n] == self.cached:
-            rest = full[n:]
-        else:
+        rest = self._reuse(full)
+        if rest is None:
             self.cache, rest = make_prompt_cache(self.model), full
         store = self.model.flashmoe.store.stats
         before = (store.hits, store.misses, store.bytes_read)
@@ -180,13 +179,15 @@ class ChatSession:
             ):
                 generated.append(r.token)
                 answer.append(r.text)
-                printer.write(r.text)
                 if len(generated) == 1:  # the prompt is done: decode statistics from here
                     stats.prompt_seconds = time.perf_counter() - start
                     decode_start = time.perf_counter()
                     before = (store.hits, store.misses, store.bytes_read)
+                printer.write(r.text)
         except KeyboardInterrupt:
             interrupted = True
+            if not generated:  # stopped during the prompt: its time is the prompt's
+                stats.prompt_seconds = time.perf_counter() - start
         except BaseException:  # a read error, ...: this turn did not happen, the rest stays
             self.messages.pop()
             self.cache, self.cached = None, []
@@ -209,6 +210,34 @@ class ChatSession:
         stats.bytes_read = store.bytes_read - before[2]
         self._account(stats)
         return stats
+
+    def _reuse(self, full: list[int]) -> list[int] | None:
+        """The tokens of ``full`` still to prefill on the current KV cache, or None to rebuild it.
+
+        The cache holds ``self.cached``. When ``full`` extends it, only the new tokens are fed;
+        when they diverge (the template re-renders the last answer differently) a trimmable
+        cache (attention KV) is cut back to the common prefix. A cache that cannot be trimmed
+        (linear-attention state, e.g. Qwen3.5) is rebuilt.
+        """
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cached = self.cached
+        if self.cache is None or not cached:
+            return None
+        n = 0
+        for a, b in zip(full, cached, strict=False):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(full) - 1)  # at least one token is fed
+        if n <= 0:
+            return None
+        if n < len(cached):
+            if not can_trim_prompt_cache(self.cache):
+                return None
+            trim_prompt_cache(self.cache, len(cached) - n)
+            self.cached = cached[:n]
+        return full[n:]
 
     def _cache_length(self, default: int) -> int:
         """Tokens held by the KV cache (stream_generate feeds every token it yields)."""
