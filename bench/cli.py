@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     io_bench.add_arguments(io)
     io.set_defaults(func=io_bench.run)
 
-    from . import gpu_bench, policy, ppl, runtime_bench, sweep, synth
+    from . import dense_load, gpu_bench, policy, ppl, runtime_bench, sweep, synth
 
     for name, module, text in (
         ("synth", synth, "synthetic checkpoint with real Qwen3.5 layer geometry, then converted"),
         ("sweep", sweep, "decode tok/s and expert I/O across cache-io-split (cold/warm, capped)"),
         ("runtime", runtime_bench, "flashmoe vs stock mlx-lm: full bank, 25%% bank, peak RSS"),
         ("gpu", gpu_bench, "stock mlx-lm and flashmoe in one process (GPU leases): banks x modes"),
+        ("dense", dense_load, "cold load of the dense weights: time, peak RSS, page cache held"),
         ("ppl", ppl, "perplexity with flashmoe and mlx-lm (must agree) and at reduced k"),
         ("policy", policy, "replay routing traces through expert-bank policies (hit rate, MB/token)"),
     ):

@@ -135,6 +135,34 @@ def _on_cuda() -> bool:
         return False
 
 
+def shadowed_cuda_build() -> str | None:
+    """A one-line fix when an MLX CUDA wheel is installed but its library was overwritten.
+
+    ``mlx-cpu`` and ``mlx-cuda-*`` both install ``mlx/lib/libmlx.so``; with both present (the
+    Linux default plus ``flashmoe[cuda]``) whichever pip unpacked last wins, silently.
+    """
+    from importlib import metadata
+
+    for dist in ("mlx-cuda-13", "mlx-cuda-12"):
+        try:
+            files = metadata.files(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if str(f).endswith("lib/libmlx.so") and f.size:
+                try:
+                    size = f.locate().stat().st_size
+                except OSError:
+                    continue
+                if size != f.size:
+                    return (
+                        f"{dist} is installed but {f.locate()} is another MLX build's copy "
+                        f"(mlx-cpu installs the same file); MLX runs on the CPU. Fix: "
+                        f"pip install --force-reinstall --no-deps {dist}=={metadata.version(dist)}"
+                    )
+    return None
+
+
 def detect(sample: mx.array | None = None) -> tuple[CudaDevice, str] | None:
     """The CUDA device and residency mode for bank arrays, or None (Metal, CPU, no driver).
 
@@ -143,7 +171,13 @@ def detect(sample: mx.array | None = None) -> tuple[CudaDevice, str] | None:
     mode = os.environ.get("FLASHMOE_CUDA_RESIDENCY", "staged").strip().lower()
     if mode not in MODES:
         raise ValueError(f"FLASHMOE_CUDA_RESIDENCY={mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "off" or not _on_cuda():
+    if mode == "off":
+        return None
+    if not _on_cuda():
+        if sys.platform == "linux":
+            fix = shadowed_cuda_build()
+            if fix:
+                print(f"flashmoe: {fix}", file=sys.stderr)
         return None
     try:
         lib = ctypes.CDLL("libcuda.so.1")

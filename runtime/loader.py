@@ -228,6 +228,7 @@ def load(
     return_config: bool = False,
     quiet: bool = True,
     trace: str | Path | None = None,
+    drop_dense_cache: bool = True,
 ):
     """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
 
@@ -239,6 +240,8 @@ def load(
     The budget reserves a KV cache of ``max_kv_tokens`` tokens in all, over ``kv_sequences``
     concurrent sequences. ``trace`` records the routing of every MoE layer call to that file
     (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
+    ``drop_dense_cache``: once the dense weights are in MLX's memory, drop the dense file from the
+    page cache (Linux), so those bytes are not held twice (``bench/RESULTS.md``, "Dense weights").
     """
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
@@ -307,6 +310,8 @@ def load(
         store.close()
         raise
     set_limits(index.dense.size + slots * moe_layers * index.expert_bytes)
+    if drop_dense_cache:
+        _drop_page_cache(root / index.dense.name)
     try:
         store.trace = _trace_writer(trace, root, index, slots, top_k) if trace else None
     except BaseException:
@@ -318,6 +323,22 @@ def load(
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Drop ``path`` from the page cache where the OS has the hint (Linux); a no-op elsewhere."""
+    from .reader import advise_dontneed
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise_dontneed(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _trace_writer(path, root: Path, index: Index, slots: int, top_k: int):
