@@ -102,3 +102,14 @@ def test_load_attaches_a_trace_writer(layout, tmp_path):
     model.flashmoe.close()
     t = read_trace(path)
     assert t.meta["slots"] == model.flashmoe.slots and t.layers[0].experts.shape[0] == 1
+
+
+def test_run_trace_flag_writes_a_readable_trace(layout, tmp_path, capsys):
+    from flashmoe.runtime import cli
+
+    _, root = layout()
+    path = tmp_path / "run.fmt"
+    argv = [str(root), "--max-tokens", "3", "--bank-experts", "4", "--trace", str(path)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    t = read_trace(path)  # records appear once streaming calls store.trace.record
+    assert t.meta["slots"] == 4 and t.num_experts >= 4
