@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--banks", default="all,50%,25%,min", help="bank sizes: N, P%%, all, min")
     p.add_argument("--modes", default="staged", help=f"CUDA residency modes ({','.join(MODES)})")
     p.add_argument("--splits", type=int_list, default=[4], help="cache-io-split list")
+    p.add_argument("--prefetch", default="off", help="read-ahead modes to compare, e.g. off,on")
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -238,33 +239,26 @@ def run(args) -> int:
         for bank in banks:
             for split in args.splits:
                 for mode in modes:
-                    os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
-                    try:
-                        r = _measure(
-                            args,
-                            root,
-                            bank,
-                            split,
-                            cold,
-                            prompt,
-                            ref_logits,
-                            stock_ids,
-                            load,
-                            layer_files,
-                            index,
-                        )
-                    except Exception as e:  # keep the other rows
-                        print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
-                        continue
-                    r.update(mode=mode, stock_tok_s=stock_tps, ratio=r["tok_s"] / stock_tps)
-                    results.append(r)
-                    rows.append(_row(r))
-                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+                    for ahead in args.prefetch.split(","):
+                        os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
+                        try:
+                            r = _measure(
+                                args, root, bank, split, cold, prompt, ref_logits, stock_ids,
+                                load, layer_files, index, ahead.strip(),
+                            )  # fmt: skip
+                        except Exception as e:  # keep the other rows
+                            print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
+                            continue
+                        r.update(mode=mode, stock_tok_s=stock_tps, ratio=r["tok_s"] / stock_tps)
+                        results.append(r)
+                        rows.append(_row(r))
+                        print(" | ".join(str(c) for c in rows[-1]), flush=True)
     os.environ.pop("FLASHMOE_CUDA_RESIDENCY", None)
     refs = reference_rates(index, layer_files, args.splits[0], args.io_threads)
     columns = [
-        "bank", "split", "pages", "mode", "tok/s", "x stock", "TTFT ms", "hit %", "MB/token",
-        "I/O ms", "I/O GB/s", "dense ms", "router ms", "compute ms", "identical",
+        "bank", "split", "pages", "mode", "ahead", "tok/s", "x stock", "TTFT ms", "hit %",
+        "MB/token", "exposed I/O ms", "ahead ms", "precision %", "unused %", "I/O GB/s",
+        "dense ms", "router ms", "compute ms", "identical",
     ]  # fmt: skip
     print(table(columns, rows))
     print(
@@ -287,14 +281,22 @@ def run(args) -> int:
     return 0
 
 
-def _measure(args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index):
+def _measure(
+    args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch
+):
     import mlx.core as mx
 
-    kw = dict(bank_experts=bank, cache_io_split=split, io_threads=args.io_threads, direct_io=cold)
+    kw = dict(
+        bank_experts=bank,
+        cache_io_split=split,
+        io_threads=args.io_threads,
+        direct_io=cold,
+        prefetch=prefetch,
+    )
     model, _ = load(str(root), **kw)
     store = model.flashmoe.store
     full = bank == index.num_experts
-    out = {"bank": bank, "split": split, "pages": "cold" if cold else "warm"}
+    out = {"bank": bank, "split": split, "pages": "cold" if cold else "warm", "prefetch": prefetch}
     try:
         out["residency"] = None
         if full:
@@ -327,6 +329,10 @@ def _measure(args, root, bank, split, cold, prompt, ref_logits, stock_ids, load,
                     mb_per_token=s.bytes_read / n / 1e6,
                     io_ms_per_token=s.io_seconds * 1000 / n,
                     io_gb_s=s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None,
+                    prefetch_ms_per_token=s.prefetch_seconds * 1000 / n,
+                    prefetch_precision=s.prefetch_precision,
+                    prefetch_recall=s.prefetch_recall,
+                    unused_share=s.prefetch_unused_bytes / s.bytes_read if s.bytes_read else 0.0,
                     tokens_identical=ids == stock_ids,
                 )
             )
@@ -368,9 +374,11 @@ def _row(r: dict) -> list:
         return "-" if v is None else f"{v:.{d}f}"
 
     return [
-        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}", f(r["tok_s"]),
-        f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100), f(r["mb_per_token"]),
-        f(r["io_ms_per_token"]), f(r.get("io_gb_s"), 2), f(r.get("dense_ms"), 2),
+        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}", r["prefetch"],
+        f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
+        f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("prefetch_ms_per_token")),
+        f(r.get("prefetch_precision", 0) * 100), f(r.get("unused_share", 0) * 100),
+        f(r.get("io_gb_s"), 2), f(r.get("dense_ms"), 2),
         f(r.get("router_ms"), 2), f(r.get("compute_ms"), 2),
         r["prefill_identical"] and r["tokens_identical"],
     ]  # fmt: skip

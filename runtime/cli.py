@@ -122,9 +122,16 @@ def generate(
             rate = hit / (hit + miss) if hit + miss else 0.0
             io_ms = (stats.io_seconds - io0) * 1000 / n
             lines.append(
-                f"per decode token: expert I/O {io_ms:.2f} ms, "
+                f"per decode token: expert I/O {io_ms:.2f} ms exposed, "
                 f"{(stats.bytes_read - b0) / n / 1e6:.2f} MB read, hit rate {rate * 100:.1f}%"
             )
+            if stats.prefetch_experts:
+                lines.append(
+                    f"read-ahead (whole run): {stats.prefetch_experts} experts, precision "
+                    f"{stats.prefetch_precision * 100:.1f}%, recall {stats.prefetch_recall * 100:.1f}%, "
+                    f"{stats.prefetch_unused_bytes / 1e6:.1f} MB never used, "
+                    f"{stats.prefetch_seconds * 1000 / max(1, len(tokens)):.2f} ms in flight per token"
+                )
             if timing:
                 d, r, c = (
                     (now - then) * 1000 / n

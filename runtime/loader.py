@@ -22,7 +22,7 @@ from ..layouts.hub import error_line
 from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
 from .reader import make_reader
 from .store import ExpertStore
-from .streaming import StreamingSwitchGLU
+from .streaming import StreamingSwitchGLU, link_next_layers
 
 
 @dataclass
@@ -207,6 +207,7 @@ def _build_model(
             if not hasattr(parent, "top_k"):
                 raise ValueError(f"{type(parent).__name__} has no top_k to override")
             parent.top_k = k
+    link_next_layers(parents)
     return model, config
 
 
@@ -229,6 +230,7 @@ def load(
     quiet: bool = True,
     trace: str | Path | None = None,
     drop_dense_cache: bool = True,
+    prefetch: str = "off",
 ):
     """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
 
@@ -240,6 +242,8 @@ def load(
     The budget reserves a KV cache of ``max_kv_tokens`` tokens in all, over ``kv_sequences``
     concurrent sequences. ``trace`` records the routing of every MoE layer call to that file
     (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
+    ``prefetch`` ("off", "on", "auto"): while a layer computes, read the experts that the next
+    layer's router picks for the current hidden state (only residency changes, never the output).
     ``drop_dense_cache``: once the dense weights are in MLX's memory, drop the dense file from the
     page cache (Linux), so those bytes are not held twice (``bench/RESULTS.md``, "Dense weights").
     """
@@ -287,7 +291,14 @@ def load(
     io = make_reader(reader, threads=io_threads)
     try:
         store = ExpertStore(
-            root, index, io, slots=slots, split=cache_io_split, verify=verify, direct=direct_io
+            root,
+            index,
+            io,
+            slots=slots,
+            split=cache_io_split,
+            verify=verify,
+            direct=direct_io,
+            prefetch=prefetch,
         )
     except BaseException:
         io.close()

@@ -11,6 +11,9 @@ from ..layouts.hub import error_line as error_line  # re-exported for the CLIs
 _SEED_MAX = 2**64 - 1
 
 
+PREFETCH_DEFAULT = "off"
+
+
 def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
     """Add MODEL and the runtime's loading options (shared by flashmoe-run, -serve and -chat)."""
     p.add_argument(
@@ -38,6 +41,13 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         "--direct-io",
         action="store_true",
         help="read experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS)",
+    )
+    s.add_argument(
+        "--prefetch",
+        choices=("off", "on", "auto"),
+        default=PREFETCH_DEFAULT,
+        help="read the next layer's guessed experts ahead (its router on the current hidden "
+        f"state) while this layer computes; auto backs off on low precision (default {PREFETCH_DEFAULT})",
     )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
     s.add_argument(
@@ -120,4 +130,5 @@ def load_options(args: argparse.Namespace) -> dict:
         direct_io=args.direct_io,
         revision=args.revision,
         trace=getattr(args, "trace", None),
+        prefetch=args.prefetch,
     )

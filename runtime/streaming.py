@@ -50,6 +50,31 @@ class _Compute:
         self.glu = glu
 
 
+class NextLayer:
+    """The next MoE layer's router, for guessing its experts (outside the module tree)."""
+
+    def __init__(self, layer: int, gate: nn.Module, top_k: int):
+        self.layer = layer
+        self.gate = gate
+        self.top_k = top_k
+
+
+def link_next_layers(parents: list[tuple[nn.Module, int]]) -> None:
+    """Give each streaming module the router of the MoE layer after it (for read-ahead).
+
+    ``parents``: (MoE block, layer) pairs; a block without a ``gate`` and ``top_k`` (a family
+    that routes otherwise) gets no link, so its predecessor never reads ahead.
+    """
+    ordered = sorted(parents, key=lambda p: p[1])
+    for (block, _), (after, layer) in zip(ordered, ordered[1:], strict=False):
+        gate, top_k = getattr(after, "gate", None), getattr(after, "top_k", None)
+        stream = next(
+            (m for m in block.children().values() if isinstance(m, StreamingSwitchGLU)), None
+        )
+        if stream is not None and callable(gate) and isinstance(top_k, int):
+            stream.next_layer = NextLayer(layer, gate, top_k)
+
+
 class StreamingSwitchGLU(nn.Module):
     """Drop-in replacement for one MoE layer's ``SwitchGLU``; it owns no parameters."""
 
@@ -60,6 +85,7 @@ class StreamingSwitchGLU(nn.Module):
         self._original = _Compute(original)
         self._bound_bank: ExpertBank | None = None
         self._timing = timing
+        self.next_layer: NextLayer | None = None
 
     def _glu(self, bank: ExpertBank) -> SwitchGLU:
         if self._bound_bank is not bank:
@@ -89,6 +115,12 @@ class StreamingSwitchGLU(nn.Module):
             t1 = time.perf_counter()
             t.dense += t1 - t0
             t0 = t1
+        nxt = self.next_layer
+        guess = None
+        if nxt is not None and store.prefetch_wanted(nxt.top_k):
+            # the next layer's router on this layer's input: evaluated in the same sync
+            guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
+            mx.eval(indices, guess)
         experts = np.array(indices)  # the router sync
         if t is not None:
             t.router += time.perf_counter() - t0
@@ -99,6 +131,9 @@ class StreamingSwitchGLU(nn.Module):
             out = self._compute(x, experts, unique)
         else:
             out = self._compute_in_groups(x, experts, flat)
+        if guess is not None:
+            # read ahead while this layer computes (MLX runs it at the next sync)
+            store.prefetch(nxt.layer, np.unique(np.array(guess)).tolist())
         if t is not None:
             t2 = time.perf_counter()
             mx.eval(out)

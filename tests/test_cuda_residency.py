@@ -138,7 +138,8 @@ def test_staged_rounds_when_misses_exceed_staging(layout, host_device):
     src, out = layout("qwen3_5_moe")
     prompt, ref_logits, _ = reference(src)
     model, tok = load(str(out), bank_experts=16)
-    model.flashmoe.store._staging_records = 3  # a prefill union of up to 16 experts: 6 rounds
+    model.flashmoe.store.bank(0)
+    model.flashmoe.store._staging.records = 3  # a prefill union of up to 16 experts: 6 rounds
     logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
     assert np.array_equal(logits, ref_logits)
 

@@ -1,0 +1,85 @@
+"""Next-layer read-ahead (``prefetch``): only residency changes, never the output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flashmoe.runtime import load
+from flashmoe.runtime.reader import ReadError
+from test_runtime import READERS, reference, streamed
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe", "qwen3_next"])
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.0])
+def test_prefetch_on_is_bit_identical(layout, family, fraction, reader):
+    src, out = layout(family)
+    prompt, ref_logits, ref_tokens = reference(src)
+    index = json.loads((out / "flashmoe-index.json").read_text())
+    slots = max(index["top_k"], int(index["num_experts"] * fraction))
+    model, logits, tokens = streamed(
+        out, prompt, bank_experts=slots, cache_io_split=4, reader=reader, prefetch="on"
+    )
+    assert np.array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
+    s = model.flashmoe.store.stats
+    assert s.prefetch_experts > 0
+    assert 0 <= s.prefetch_used <= s.prefetch_experts
+    # every byte read is a demand miss or a read-ahead expert, once
+    assert s.bytes_read == (s.misses + s.prefetch_experts) * index["expert_bytes"]
+    assert s.prefetch_unused_bytes == (s.prefetch_experts - s.prefetch_used) * index["expert_bytes"]
+
+
+def test_prefetch_off_reads_nothing_ahead(layout):
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    model, _, tokens = streamed(out, prompt, bank_experts=8, prefetch="off")
+    assert tokens == ref_tokens
+    assert model.flashmoe.store.stats.prefetch_experts == 0
+
+
+def test_auto_needs_room_for_guesses(layout):
+    _, out = layout("qwen3_5_moe")
+    model, _ = load(str(out), bank_experts=4, prefetch="auto")
+    store = model.flashmoe.store
+    k = model.flashmoe.top_k
+    assert store.slots < 2 * k and not store.prefetch_wanted(k)
+    model, _ = load(str(out), bank_experts=2 * k, prefetch="auto")
+    assert model.flashmoe.store.prefetch_wanted(k)
+    model.flashmoe.store._precision = 0.0  # a run of wrong guesses: probe only every 16th call
+    assert sum(model.flashmoe.store.prefetch_wanted(k) for _ in range(32)) == 2
+
+
+def test_failed_read_ahead_leaves_no_valid_slot(layout, tmp_path):
+    import shutil
+
+    _, src_out = layout("qwen3_5_moe")
+    out = tmp_path / "layout"
+    shutil.copytree(src_out, out)
+    model, _ = load(str(out), bank_experts=8, prefetch="on", reader="python")
+    store = model.flashmoe.store
+    layer = store.index.layers[0]
+    store.bank(layer.layer)
+    os.truncate(out / layer.file, store.index.record_size * 2)  # experts >= 2 now hit EOF
+    store.prefetch(layer.layer, [3, 4, 5])
+    with pytest.raises(ReadError):
+        store.ensure(layer.layer, [3, 6])
+    bank = store.banks[layer.layer]
+    assert (bank.table[[3, 4, 5]] == -1).all()
+    with pytest.raises(ValueError, match="prefetch must be one of"):
+        load(str(out), bank_experts=8, prefetch="sometimes")
+
+
+def test_cli_timing_reports_warm_up_and_read_ahead(layout):
+    from test_runtime import run_cli
+
+    _, out = layout("qwen3_5_moe")
+    r = run_cli(out, "--prompt", "Hello world", "--max-tokens", "8", "--bank-experts", "8",
+                "--timing", "--prefetch", "on")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "[timing] warm-up" in r.stderr and "not counted in TTFT" in r.stderr
+    assert "expert I/O" in r.stderr and "ms exposed" in r.stderr
+    assert "[timing] read-ahead (whole run):" in r.stderr and "precision" in r.stderr
