@@ -201,3 +201,22 @@ def test_shadowed_cuda_build_names_the_fix(tmp_path, monkeypatch):
     assert fix is not None and "pip install --force-reinstall --no-deps mlx-cuda-13==0.32.4" in fix
     (lib / "libmlx.so").write_bytes(b"\0" * 1000)
     assert cuda.shadowed_cuda_build() is None
+
+
+@pytest.mark.parametrize("in_pool", [False, True])
+def test_staged_read_ahead(layout, host_device, monkeypatch, in_pool):
+    """Read-ahead into its own staging area, copied to the slots when the layer settles."""
+    src, out = layout("qwen3_5_moe", alignment=4096)
+    if in_pool:
+        monkeypatch.setattr(
+            "flashmoe.runtime.loader.make_reader", lambda kind="auto", threads=8: CopyingReader()
+        )
+    prompt, ref_logits, ref_tokens = reference(src)
+    model, logits, tokens = streamed(
+        out, prompt, bank_experts=8, cache_io_split=3, reader="python", prefetch="on"
+    )
+    store = model.flashmoe.store
+    assert store._copies_in_pool == in_pool and store._ahead_area is not None
+    assert store.stats.prefetch_experts > 0
+    assert np.array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
