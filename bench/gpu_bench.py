@@ -25,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+from . import pagecache
 from .report import (
     BenchError,
     command_line,
@@ -104,24 +105,6 @@ def _fill(model) -> None:
         rt.store.ensure(entry.layer, list(range(rt.index.num_experts)))
 
 
-def _drop_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _warm_cache(paths: list[Path]) -> None:
-    buf = bytearray(64 << 20)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
 def reference_rates(index, layer_files: list[Path], split: int, threads: int) -> dict:
     """GB/s: host -> device copies (pageable, pinned) and O_DIRECT random reads of the layout."""
     import mlx.core as mx
@@ -170,7 +153,7 @@ def reference_rates(index, layer_files: list[Path], split: int, threads: int) ->
     reader = make_reader("auto", threads=threads)
     fds = [open_for_reading(str(p), direct=True) for p in layer_files]
     try:
-        _drop_cache(layer_files)
+        pagecache.drop(layer_files)
         rng = random.Random(0)
         reqs = []
         n = min(len(layer_files) * index.num_experts, 256)
@@ -304,7 +287,7 @@ def _measure(
             _fill(model)
             out["fill_s"] = time.perf_counter() - t
         elif not cold:
-            _warm_cache(files)
+            pagecache.warm(files)
         logits = _prefill_logits(model, prompt)
         out["residency"] = store.residency
         out["prefill_identical"] = bool(mx.array_equal(logits, ref_logits).item())
@@ -316,7 +299,7 @@ def _measure(
             if not full:
                 store.clear_banks()
                 if cold:
-                    _drop_cache(files)
+                    pagecache.drop(files)
             store.stats.reset()
             first, rate, ids = _decode(model, prompt, args.tokens)
             s = store.stats
@@ -349,7 +332,7 @@ def _measure(
             if full:
                 _fill(model)
             elif cold:
-                _drop_cache(files)
+                pagecache.drop(files)
             _decode(model, prompt, 2)
             if not full:
                 model.flashmoe.store.clear_banks()
