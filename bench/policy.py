@@ -65,21 +65,34 @@ def demand(trace: Trace) -> Demand:
     layers = sorted(trace.layers)
     E = trace.num_experts
     L = max(layers) + 1
-    keys = []
-    for layer in layers:
-        t = trace.layers[layer]
-        step = np.repeat(t.step.astype(np.int64), t.experts.shape[1])
-        keys.append((step * L + layer) * E + t.experts.ravel().astype(np.int64))
-    key = np.unique(np.concatenate(keys))  # sorted by step, then layer, then expert
-    step, pair = np.divmod(key, L * E)
-    layer, expert = np.divmod(pair, E)
-    steps = int(step[-1]) + 1 if key.size else 0
+    first = trace.layers[layers[0]]
+    decode = all(np.array_equal(trace.layers[la].step, first.step) for la in layers) and bool(
+        np.all(np.diff(first.step.astype(np.int64)) > 0)
+    )
+    if decode:  # one row per step and layer: rows are sorted, so is the step-major order
+        k = first.experts.shape[1]
+        ids = np.stack([trace.layers[la].experts for la in layers], axis=1)
+        step = np.repeat(first.step.astype(np.int64), len(layers) * k)
+        layer = np.tile(np.repeat(np.array(layers, dtype=np.int64), k), first.step.size)
+        expert = ids.ravel().astype(np.int64)
+        step = np.searchsorted(np.unique(first.step), step)  # steps 0..n-1
+    else:
+        keys = []
+        for la in layers:
+            t = trace.layers[la]
+            rows = np.repeat(t.step.astype(np.int64), t.experts.shape[1])
+            keys.append((rows * L + la) * E + t.experts.ravel().astype(np.int64))
+        key = np.unique(np.concatenate(keys))  # sorted by step, then layer, then expert
+        step, pair = np.divmod(key, L * E)
+        layer, expert = np.divmod(pair, E)
+    steps = int(step[-1]) + 1 if step.size else 0
     ptr = np.searchsorted(step, np.arange(steps + 1))
-    order = np.lexsort((step, pair))  # by pair, then step: the next use is the next entry
-    nxt = np.full(key.size, NEVER)
+    pair = (layer * E + expert).astype(np.int32 if L * E >= 1 << 16 else np.uint16)
+    order = np.argsort(pair, kind="stable")  # by pair, then step: the next use is the next entry
+    nxt = np.full(step.size, NEVER)
     same = pair[order[1:]] == pair[order[:-1]]
     nxt[order[:-1][same]] = step[order[1:]][same]
-    tokens = trace.layers[layers[0]].experts.shape[0] if layers else 0
+    tokens = first.experts.shape[0]
     need = np.bincount(step * L + layer, minlength=steps * L).reshape(steps, L).max(axis=1)
     return Demand(L, E, ptr, layer, expert, nxt, tokens, layers, need)
 
