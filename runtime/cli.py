@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import load
 
         model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
-        prompt = _prompt_tokens(args, tokenizer)
-        check_prompt_length(model, len(prompt))
-        generate(model, tokenizer, prompt, args)
+        try:
+            prompt = _prompt_tokens(args, tokenizer)
+            check_prompt_length(model, len(prompt))
+            generate(model, tokenizer, prompt, args)
+        finally:
+            model.flashmoe.close()  # writes the rest of a --trace, closes files and reader
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -135,6 +135,7 @@ class ExpertStore:
         self.verify = verify
         self.direct = direct
         self.stats = StoreStats()
+        self.trace = None  # a runtime.trace.TraceWriter when load(trace=...) asks for one
         self.plan = split_plan(index.expert_bytes, index.alignment, split)
         self.components = [(c.name, c.dtype, c.shape) for c in index.components]
         # O_DIRECT needs every destination page-aligned in address and length: the bank arrays are

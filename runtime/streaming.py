@@ -102,7 +102,13 @@ class StreamingSwitchGLU(nn.Module):
         t = self._timing
         store = self._store
         bank = store.banks.get(self.layer)
-        if t is None and bank is not None and bank.complete and indices.size == indices.shape[-1]:
+        if (
+            t is None
+            and store.trace is None
+            and bank is not None
+            and bank.complete
+            and indices.size == indices.shape[-1]
+        ):
             # One token and every expert resident (nothing will be written again): map ids to
             # slots lazily, with no router sync, so MLX keeps pipelining the decode step. Its k
             # distinct experts are all hits, so the statistics stay exact.
@@ -126,6 +132,8 @@ class StreamingSwitchGLU(nn.Module):
             t.router += time.perf_counter() - t0
         k = experts.shape[-1]
         flat = experts.reshape(-1, k)
+        if store.trace is not None:  # hit = resident (or being read ahead) before this call
+            store.trace.record(self.layer, flat, store.bank(self.layer).table[flat] >= 0)
         unique = np.unique(flat)
         if unique.size <= store.slots:
             out = self._compute(x, experts, unique)

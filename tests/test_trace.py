@@ -111,5 +111,10 @@ def test_run_trace_flag_writes_a_readable_trace(layout, tmp_path, capsys):
     path = tmp_path / "run.fmt"
     argv = [str(root), "--max-tokens", "3", "--bank-experts", "4", "--trace", str(path)]
     assert cli.main(argv) == 0, capsys.readouterr().err
-    t = read_trace(path)  # records appear once streaming calls store.trace.record
+    t = read_trace(path)
     assert t.meta["slots"] == 4 and t.num_experts >= 4
+    # every MoE layer recorded every step: the prompt's rows, then one row per decode step
+    assert len(t.layers) == t.num_layers
+    for lt in t.layers.values():
+        assert lt.experts.shape[1] == t.top_k and len(set(lt.step.tolist())) >= 3
+        assert lt.hit.dtype == bool and lt.hit.any() and not lt.hit.all()
