@@ -286,6 +286,10 @@ class ExpertStore:
         """
         if layer in self._ahead or layer not in self._paths:
             return
+        if self._staging is not None and self._ahead:
+            # one staging area for read-ahead: an older one still in flight (a step cut short
+            # by an error) must land before the area is reused
+            self.settle_all()
         bank = self.bank(layer)
         bank.fence()
         guess = list(experts)[: max(1, self.slots // 2)]
