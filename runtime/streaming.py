@@ -9,7 +9,10 @@ the union does not fit in the bank, the tokens are split into groups whose union
 
 Per MoE layer and decode token: 1 sync (the router ids; none once every expert is resident),
 ``misses x split`` preadv calls in the native pool (one batch, one wait, GIL released), 0 copies
-(reads land in the bank), 0 expert arrays built.
+(reads land in the bank), 0 expert arrays built. With read-ahead (``--prefetch``) the same sync
+also evaluates the next layer's router on this layer's input, and one more batch (the guessed
+misses of the next layer) is submitted without waiting. With a routing trace, every call syncs
+(a complete bank loses its no-sync path) and records ``tokens x k`` ids into a buffer.
 """
 
 from __future__ import annotations
