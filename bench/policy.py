@@ -49,6 +49,7 @@ class Demand:
     expert: np.ndarray
     next_use: np.ndarray  # step at which the same (layer, expert) is needed next (inf: never)
     tokens: int
+    rows: np.ndarray  # token rows per step (first layer): 1 for a decode step
     layers: list[int]
     step_need: np.ndarray  # per step, the most distinct experts it needs in one layer
 
@@ -93,8 +94,12 @@ def demand(trace: Trace) -> Demand:
     same = pair[order[1:]] == pair[order[:-1]]
     nxt[order[:-1][same]] = step[order[1:]][same]
     tokens = first.experts.shape[0]
+    if decode:
+        rows = np.ones(steps, dtype=np.int64)
+    else:
+        rows = np.bincount(first.step.astype(np.int64), minlength=steps)[:steps]
     need = np.bincount(step * L + layer, minlength=steps * L).reshape(steps, L).max(axis=1)
-    return Demand(L, E, ptr, layer, expert, nxt, tokens, layers, need)
+    return Demand(L, E, ptr, layer, expert, nxt, tokens, rows, layers, need)
 
 
 @dataclass
@@ -108,9 +113,13 @@ class Result:
     mb_per_token: float
 
 
-def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) -> Result:
+def replay(
+    d: Demand, policy: str, scope: str, slots: int, expert_bytes: int, decode_only: bool = False
+) -> Result:
     """Replay ``d`` through ``policy`` with ``slots`` expert slots in all (``scope`` decides how
-    they are split: equal per-layer banks, or one pool)."""
+    they are split: equal per-layer banks, or one pool). ``decode_only``: count hits and misses
+    of one-token steps only (as ``--timing``'s per decode token figures; every step still
+    changes the banks)."""
     if policy not in POLICIES or scope not in SCOPES:
         raise ValueError(f"unknown policy/scope {policy}/{scope}")
     L, E = d.num_layers, d.num_experts
@@ -127,7 +136,9 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
     pinned = _pinned(d, slots, scope) if policy == "pin" else None
     tie = 1e-3 / (d.steps + 1)
     hits = misses = 0
+    counted = d.rows == 1 if decode_only else np.ones(d.steps, dtype=bool)
     for s in range(d.steps):
+        before = (hits, misses)
         a, b = d.ptr[s], d.ptr[s + 1]
         lay, exp, nxt = d.layer[a:b], d.expert[a:b], d.next_use[a:b]
         if d.step_need[s] > per_layer or (scope == "global" and b - a > slots):
@@ -182,7 +193,10 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
             count *= 0.5
             prio[resident] = count[resident]
             key[resident] = prio[resident] + recency
+        if not counted[s]:
+            hits, misses = before
     total = hits + misses
+    tokens = int(counted.sum()) if decode_only else d.tokens
     return Result(
         policy,
         scope,
@@ -190,7 +204,7 @@ def replay(d: Demand, policy: str, scope: str, slots: int, expert_bytes: int) ->
         hits,
         misses,
         hits / total if total else 0.0,
-        misses * expert_bytes / max(d.tokens, 1) / 1e6,
+        misses * expert_bytes / max(tokens, 1) / 1e6,
     )
 
 
@@ -249,6 +263,7 @@ def run_policies(
     policies=POLICIES,
     scopes=SCOPES,
     out=None,
+    decode_only: bool = False,
 ) -> list[dict]:
     out = out or sys.stdout
     rows = []
@@ -278,7 +293,7 @@ def run_policies(
             for policy in policies:
                 for scope in scopes:
                     t0 = time.perf_counter()
-                    r = replay(d, policy, scope, total, eb)
+                    r = replay(d, policy, scope, total, eb, decode_only)
                     dt = time.perf_counter() - t0
                     row = {"trace": str(path), "gib": total * eb / GiB, "seconds": dt, **asdict(r)}
                     rows.append(row)
@@ -331,6 +346,11 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
     p.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="count one-token steps only (compare with flashmoe-run --timing's per decode token)",
+    )
+    p.add_argument(
         "--design",
         metavar="PRESET",
         help="first write each TRACE from the realistic routing design of PRESET "
@@ -362,6 +382,7 @@ def run(args) -> int:
             int(args.expert_mb * 1e6) if args.expert_mb else None,
             args.policy,
             args.scope,
+            decode_only=args.decode_only,
         )
     except (OSError, ValueError) as e:
         raise BenchError(str(e)) from None

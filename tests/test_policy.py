@@ -112,3 +112,25 @@ def test_runtime_policy_classes_match_the_replay(tmp_path, name):
         assert replay(d, name, "layer", slots, 1).hits == want
     with pytest.raises(ValueError):
         make_policy("fifo")
+
+
+def test_decode_only_counts_one_token_steps(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.fmt"
+    with TraceWriter(path, num_layers=2, num_experts=32, top_k=2, meta={}) as w:
+        for step in range(30):
+            rows = 6 if step in (0, 10) else 1  # two prefill chunks among decode steps
+            for layer in (0, 1):
+                w.record(
+                    layer,
+                    np.argsort(rng.random((rows, 32)), axis=1)[:, :2],
+                    np.zeros((rows, 2), bool),
+                )
+    d = demand(read_trace(path))
+    assert d.rows.tolist() == [6 if s in (0, 10) else 1 for s in range(30)]
+    for slots in (8, 20):  # 8: the prefill chunks do not fit and pass through
+        every = replay(d, "lru", "layer", 2 * slots, 1_000_000)
+        dec = replay(d, "lru", "layer", 2 * slots, 1_000_000, decode_only=True)
+        assert dec.hits + dec.misses == 28 * 2 * 2
+        assert dec.mb_per_token == pytest.approx(dec.misses / 28)
+        assert every.hits + every.misses > dec.hits + dec.misses
