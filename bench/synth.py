@@ -7,6 +7,10 @@ dtypes and the config's quantization block; each tensor is then drawn chunk by c
 weights at mlx-lm's init scale, norms at 1, so activations stay finite), quantized per chunk with
 the module's bits/group size, and written shard by shard with ``mx.save_safetensors`` under
 mlx-lm's greedy 5 GiB shard rule and file names. Peak memory is about one shard.
+
+With ``--routing realistic`` (the default) the embedding, the routers and the input/final norms carry
+``bench.routing``'s design, which reproduces the published expert popularity (per-layer LRU hit
+rates); ``--routing uniform`` leaves the routers random (near-uniform routing).
 """
 
 from __future__ import annotations
