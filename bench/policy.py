@@ -72,11 +72,9 @@ def demand(trace: Trace) -> Demand:
     )
     if decode:  # one row per step and layer: rows are sorted, so is the step-major order
         k = first.experts.shape[1]
-        ids = np.stack([trace.layers[la].experts for la in layers], axis=1)
-        step = np.repeat(first.step.astype(np.int64), len(layers) * k)
-        layer = np.tile(np.repeat(np.array(layers, dtype=np.int64), k), first.step.size)
-        expert = ids.ravel().astype(np.int64)
-        step = np.searchsorted(np.unique(first.step), step)  # steps 0..n-1
+        expert = np.stack([trace.layers[la].experts for la in layers], axis=1).ravel()
+        step = np.repeat(np.arange(first.step.size, dtype=np.int32), len(layers) * k)
+        layer = np.tile(np.repeat(np.array(layers, dtype=np.int16), k), first.step.size)
     else:
         keys = []
         for la in layers:
@@ -86,19 +84,30 @@ def demand(trace: Trace) -> Demand:
         key = np.unique(np.concatenate(keys))  # sorted by step, then layer, then expert
         step, pair = np.divmod(key, L * E)
         layer, expert = np.divmod(pair, E)
+        step, layer, expert = (
+            step.astype(np.int32),
+            layer.astype(np.int16),
+            expert.astype(np.uint16),
+        )
     steps = int(step[-1]) + 1 if step.size else 0
     ptr = np.searchsorted(step, np.arange(steps + 1))
-    pair = (layer * E + expert).astype(np.int32 if L * E >= 1 << 16 else np.uint16)
+    pair = layer.astype(np.int32) * E + expert
+    pair = pair.astype(np.uint16) if L * E <= 1 << 16 else pair
     order = np.argsort(pair, kind="stable")  # by pair, then step: the next use is the next entry
-    nxt = np.full(step.size, NEVER)
-    same = pair[order[1:]] == pair[order[:-1]]
-    nxt[order[:-1][same]] = step[order[1:]][same]
+    del pair
+    nxt = np.full(step.size, NEVER, dtype=np.float32)  # steps < 2**24 are exact
+    same = np.flatnonzero(
+        (layer[order[1:]] == layer[order[:-1]]) & (expert[order[1:]] == expert[order[:-1]])
+    )
+    nxt[order[same]] = step[order[same + 1]]
+    del order, same
     tokens = first.experts.shape[0]
     if decode:
         rows = np.ones(steps, dtype=np.int64)
     else:
         rows = np.bincount(first.step.astype(np.int64), minlength=steps)[:steps]
-    need = np.bincount(step * L + layer, minlength=steps * L).reshape(steps, L).max(axis=1)
+    need = np.bincount(step.astype(np.int64) * L + layer, minlength=steps * L)
+    need = need.reshape(steps, L).max(axis=1)
     return Demand(L, E, ptr, layer, expert, nxt, tokens, rows, layers, need)
 
 
