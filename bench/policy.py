@@ -149,7 +149,8 @@ def replay(
     for s in range(d.steps):
         before = (hits, misses)
         a, b = d.ptr[s], d.ptr[s + 1]
-        lay, exp, nxt = d.layer[a:b], d.expert[a:b], d.next_use[a:b]
+        lay, exp = d.layer[a:b].astype(np.intp), d.expert[a:b].astype(np.intp)
+        nxt = d.next_use[a:b]
         if d.step_need[s] > per_layer or (scope == "global" and b - a > slots):
             # a step that cannot fit (a long prefill chunk): its resident experts are hits,
             # the rest misses, and it leaves those banks as they were (the runtime would split it)
