@@ -63,7 +63,8 @@ class ExpertBank:
     """Slots for the experts of one MoE layer.
 
     ``components`` is a list of ``(name, dtype, shape)`` in record order (dtype in safetensors
-    spelling). ``assign(experts)`` makes room for a set of experts and returns which of them must be
+    spelling). ``policy``: a factory of eviction policies (``LRUPolicy`` by default;
+    ``metal.policies.make_policy``). ``assign(experts)`` makes room for a set of experts and returns which of them must be
     read and into which slot; ``abort`` takes back the slots of reads that failed. ``table`` (expert
     -> slot, -1 when absent) is the one record of which expert sits where.
     """
@@ -89,7 +90,8 @@ class ExpertBank:
         # destinations of the reads. memoryview(mx.array) is the array's own buffer (no copy).
         self._views = [memoryview(a).cast("B") for a in self.arrays]
         self.slot_nbytes = [v.nbytes // slots for v in self._views]
-        self.policy = policy or LRUPolicy()
+        self._new_policy = policy or LRUPolicy  # a factory: each (re)start gets a fresh one
+        self.policy = self._new_policy()
         self.free = list(range(slots - 1, -1, -1))  # stack; slot 0 used first
         self.table = np.full(num_experts, -1, dtype=np.int64)  # expert -> slot, -1 if absent
         self._pending: list[mx.array] = []
@@ -168,7 +170,7 @@ class ExpertBank:
         """Forget every resident expert (the slots' bytes stay; call ``fence()`` first)."""
         self.table[:] = -1
         self.free = list(range(self.slots - 1, -1, -1))
-        self.policy = type(self.policy)()
+        self.policy = self._new_policy()
         self._device_table = None
 
     def abort(self, misses: list[tuple[int, int]]) -> None:

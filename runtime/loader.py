@@ -231,6 +231,7 @@ def load(
     trace: str | Path | None = None,
     drop_dense_cache: bool = True,
     prefetch: str = "off",
+    bank_policy: str = "lru",
 ):
     """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
 
@@ -244,6 +245,8 @@ def load(
     (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
     ``prefetch`` ("off", "on", "auto"): while a layer computes, read the experts that the next
     layer's router picks for the current hidden state (only residency changes, never the output).
+    ``bank_policy`` ("lru", "lfu", "lfuda"): which resident expert a miss evicts
+    (``metal/policies.py``; only residency changes, never the output).
     ``drop_dense_cache``: once the dense weights are in MLX's memory, drop the dense file from the
     page cache (Linux), so those bytes are not held twice (``bench/RESULTS.md``, "Dense weights").
     """
@@ -299,6 +302,7 @@ def load(
             verify=verify,
             direct=direct_io,
             prefetch=prefetch,
+            policy=bank_policy,
         )
     except BaseException:
         io.close()

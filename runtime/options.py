@@ -49,6 +49,12 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         help="read the next layer's guessed experts ahead (its router on the current hidden "
         f"state) while this layer computes; auto backs off on low precision (default {PREFETCH_DEFAULT})",
     )
+    s.add_argument(
+        "--bank-policy",
+        choices=("lru", "lfu", "lfuda"),
+        default="lru",
+        help="which resident expert a miss evicts (default lru; bench/RESULTS.md compares them)",
+    )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
     s.add_argument(
         "--trace",
@@ -131,4 +137,5 @@ def load_options(args: argparse.Namespace) -> dict:
         revision=args.revision,
         trace=getattr(args, "trace", None),
         prefetch=args.prefetch,
+        bank_policy=args.bank_policy,
     )

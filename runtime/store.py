@@ -114,6 +114,7 @@ class ExpertStore:
         verify: bool = False,
         direct: bool = False,
         prefetch: str = "off",
+        policy: str = "lru",
     ):
         from ..layouts.plan import split_plan
 
@@ -122,6 +123,10 @@ class ExpertStore:
                 f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}"
             )
         self.prefetch_mode = prefetch
+        from ..metal.policies import make_policy
+
+        make_policy(policy)  # refuses an unknown name now, not at the first bank
+        self.policy = policy
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_area: _Area | None = None
         self._precision = 1.0  # moving average of read-ahead precision (auto mode)
@@ -188,6 +193,7 @@ class ExpertStore:
                 self.slots,
                 self.components,
                 num_experts=self.index.num_experts,
+                policy=self._policy_factory,
                 page_aligned=aligned,
             )
             self._fds[layer] = open_for_reading(self._paths[layer], direct=self.direct)
@@ -199,6 +205,11 @@ class ExpertStore:
                     np.array(bank.slot_nbytes, dtype=np.uint64),
                 )
         return bank
+
+    def _policy_factory(self):
+        from ..metal.policies import make_policy
+
+        return make_policy(self.policy)
 
     def _setup_residency(self, bank: ExpertBank) -> None:
         found = cuda.detect(bank.arrays[0])

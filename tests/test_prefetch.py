@@ -11,10 +11,16 @@ from flashmoe.runtime import load
 from flashmoe.runtime.reader import ReadError
 from test_runtime import READERS, reference, streamed
 
+NATIVE_MARKS = READERS[1].marks  # skipped where the native reader is not built
+CASES = [
+    *[("qwen3_5_moe", f, "python") for f in (0.5, 0.25, 0.0)],
+    *[pytest.param("qwen3_5_moe", f, "native", marks=NATIVE_MARKS) for f in (0.5, 0.25, 0.0)],
+    ("qwen3_moe", 0.25, "python"),
+    ("qwen3_next", 0.25, "python"),
+]
 
-@pytest.mark.parametrize("reader", READERS)
-@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe", "qwen3_next"])
-@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.0])
+
+@pytest.mark.parametrize(("family", "fraction", "reader"), CASES)
 def test_prefetch_on_is_bit_identical(layout, family, fraction, reader):
     src, out = layout(family)
     prompt, ref_logits, ref_tokens = reference(src)
@@ -83,3 +89,16 @@ def test_cli_timing_reports_warm_up_and_read_ahead(layout):
     assert "[timing] warm-up" in r.stderr and "not counted in TTFT" in r.stderr
     assert "expert I/O" in r.stderr and "ms exposed" in r.stderr
     assert "[timing] read-ahead (whole run):" in r.stderr and "precision" in r.stderr
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lfuda"])
+def test_bank_policies_change_residency_not_output(layout, policy):
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    model, logits, tokens = streamed(out, prompt, bank_experts=6, bank_policy=policy)
+    assert np.array_equal(logits, ref_logits)
+    assert tokens == ref_tokens
+    bank = next(iter(model.flashmoe.store.banks.values()))
+    assert type(bank.policy).__name__ == {"lfu": "LFUPolicy", "lfuda": "LFUDAPolicy"}[policy]
+    with pytest.raises(ValueError, match="unknown bank policy"):
+        load(str(out), bank_policy="mru")
