@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         ("gpu", gpu_bench, "stock mlx-lm and flashmoe in one process (GPU leases): banks x modes"),
         ("dense", dense_load, "cold load of the dense weights: time, peak RSS, page cache held"),
         ("ppl", ppl, "perplexity with flashmoe and mlx-lm (must agree) and at reduced k"),
-        ("policy", policy, "replay routing traces through expert-bank policies (hit rate, MB/token)"),
+        (
+            "policy",
+            policy,
+            "replay routing traces through expert-bank policies (hit rate, MB/token)",
+        ),
     ):
         sp = sub.add_parser(name, help=text, description=module.__doc__.splitlines()[0])
         module.add_arguments(sp)
