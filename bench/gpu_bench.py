@@ -112,7 +112,8 @@ def reference_rates(index, layer_files: list[Path], split: int, threads: int) ->
 
     from ..layouts.plan import split_plan
     from ..metal import cuda
-    from ..runtime.reader import ReadRequest, make_reader, open_for_reading
+    from ..metal.bank import ExpertBank
+    from ..runtime.reader import DIRECT_ALIGNMENT, ReadRequest, make_reader, open_for_reading
 
     out: dict = {}
     record, nbytes = index.record_size, index.expert_bytes
@@ -142,14 +143,12 @@ def reference_rates(index, layer_files: list[Path], split: int, threads: int) ->
     plan = split_plan(nbytes, index.alignment, split)
     chunk = max(b - a for a, b in plan)
     chunk = -(-chunk // 4096) * 4096
-    buf = mx.zeros((threads * 4 * chunk + 4096,), dtype=mx.uint8) if found is None else None
     if found is not None:
         mem = found[0].pinned(threads * 4 * chunk)
     else:
+        buf = ExpertBank._allocate((threads * 4 * chunk,), mx.uint8, DIRECT_ALIGNMENT)
         mx.eval(buf)
-        raw = memoryview(buf).cast("B")
-        skip = -cuda.address(raw) % 4096
-        mem = raw[skip : skip + threads * 4 * chunk]
+        mem = memoryview(buf).cast("B")
     reader = make_reader("auto", threads=threads)
     fds = [open_for_reading(str(p), direct=True) for p in layer_files]
     try:

@@ -231,8 +231,9 @@ class ExpertStore:
                 except OSError:  # the pool could not load libcuda: copy after each wait
                     pass
             # Record coordinates of the components, for the per-chunk copy triples.
-            sizes = np.array([c.nbytes for c in self.index.components], dtype=np.uint64)
-            self._component_offsets = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.uint64)
+            self._component_offsets = np.array(
+                [c.offset for c in self.index.components], dtype=np.uint64
+            )
 
     def _chunks(self, layer: int, bank: ExpertBank, slot: int):
         key = (layer, slot)
@@ -441,16 +442,14 @@ class ExpertStore:
             record, expert = self.index.record_size, self.index.expert_bytes
             size = record if self.direct else expert
             view = area.view[i * record : i * record + size]
-            offsets = [int(o) for o in self._component_offsets]
-            ends = [o + c.nbytes for o, c in zip(offsets, self.index.components, strict=True)]
             chunks = []
             for start, bufs in split_buffers((view,), self.plan):
                 length = sum(b.nbytes for b in bufs)
                 end = min(start + length, expert)  # record padding is never copied
                 pieces = [
-                    (c, max(start, o), min(end, e))
-                    for c, (o, e) in enumerate(zip(offsets, ends, strict=True))
-                    if max(start, o) < min(end, e)
+                    (k, max(start, c.offset), min(end, c.offset + c.nbytes))
+                    for k, c in enumerate(self.index.components)
+                    if max(start, c.offset) < min(end, c.offset + c.nbytes)
                 ]
                 comp = np.array([p[0] for p in pieces], dtype=np.int64)
                 lo = np.array([p[1] for p in pieces], dtype=np.uint64)
