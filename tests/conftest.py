@@ -106,3 +106,27 @@ def hub(tmp_path, monkeypatch):
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size) -> Path``: a tmpfs of ``size`` (mount's spelling, e.g. "2m") under tmp_path,
+    unmounted afterwards; the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str):
+        mnt = tmp_path / f"tmpfs-{len(mounts)}"
+        mnt.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -353,18 +353,8 @@ def test_error_is_one_line_without_traceback(checkpoint, tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_tmpfs(tmpfs):
+    return tmpfs("2m")
 
 
 def test_full_disk(checkpoint, tmp_path, small_tmpfs, capsys):

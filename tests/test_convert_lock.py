@@ -106,18 +106,8 @@ def test_already_converted_checks_records_and_copied_files(checkpoint, tmp_path,
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_tmpfs(tmpfs):
+    return tmpfs("3m")
 
 
 def test_refused_conversion_leaves_nothing_that_blocks_a_retry(checkpoint, small_tmpfs):

@@ -11,6 +11,7 @@ import pytest
 from flashmoe.layouts import INDEX_FILE, LayoutError
 from flashmoe.layouts.hub import HubError
 from flashmoe.runtime.hub import is_verified, pull
+from test_hub import _put_layout
 
 REPO = "flashmoe-test/listed"
 
@@ -24,14 +25,7 @@ def tiny_layout(layout, tmp_path) -> Path:
 
 
 def put_layout(hub, layout_dir: Path, extra=(), index: dict | None = None) -> None:
-    hub.create_repo(REPO, "tester", False)
-    for p in sorted(layout_dir.rglob("*")):
-        if p.is_file():
-            hub.put_file(REPO, p.relative_to(layout_dir).as_posix(), p.read_bytes())
-    if index is not None:
-        hub.put_file(REPO, INDEX_FILE, json.dumps(index).encode())
-    for name, data in extra:
-        hub.put_file(REPO, name, data)
+    _put_layout(hub, layout_dir, REPO, index=index, extra=extra)
 
 
 def test_pull_fetches_only_listed_files(hub, tiny_layout):
