@@ -19,6 +19,7 @@ pinned), and the disk's own O_DIRECT random-read rate at the request size of the
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import statistics
@@ -47,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="staged", help=f"CUDA residency modes ({','.join(MODES)})")
     p.add_argument("--splits", type=int_list, default=[4], help="cache-io-split list")
     p.add_argument("--prefetch", default="off", help="read-ahead modes to compare, e.g. off,on")
+    p.add_argument("--hits-first", default="on", help="hits-first settings to compare: on,off")
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -221,12 +223,14 @@ def run(args) -> int:
         for bank in banks:
             for split in args.splits:
                 for mode in modes:
-                    for ahead in args.prefetch.split(","):
+                    for ahead, hf in itertools.product(
+                        args.prefetch.split(","), args.hits_first.split(",")
+                    ):
                         os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
                         try:
                             r = _measure(
                                 args, root, bank, split, cold, prompt, ref_logits, stock_ids,
-                                load, layer_files, index, ahead.strip(),
+                                load, layer_files, index, ahead.strip(), hf.strip() == "on",
                             )  # fmt: skip
                         except Exception as e:  # keep the other rows
                             print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
@@ -238,7 +242,7 @@ def run(args) -> int:
     os.environ.pop("FLASHMOE_CUDA_RESIDENCY", None)
     refs = reference_rates(index, layer_files, args.splits[0], args.io_threads)
     columns = [
-        "bank", "split", "pages", "mode", "ahead", "tok/s", "x stock", "TTFT ms", "hit %",
+        "bank", "split", "pages", "mode", "ahead/hits-first", "tok/s", "x stock", "TTFT ms", "hit %",
         "MB/token", "exposed I/O ms", "ahead ms", "precision %", "unused %", "I/O GB/s",
         "dense ms", "router ms", "compute ms", "identical",
     ]  # fmt: skip
@@ -264,8 +268,9 @@ def run(args) -> int:
 
 
 def _measure(
-    args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch
-):
+    args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch,
+    hits_first=True,
+):  # fmt: skip
     import mlx.core as mx
 
     kw = dict(
@@ -274,11 +279,18 @@ def _measure(
         io_threads=args.io_threads,
         direct_io=cold,
         prefetch=prefetch,
+        hits_first=hits_first,
     )
     model, _ = load(str(root), **kw)
     store = model.flashmoe.store
     full = bank == index.num_experts
-    out = {"bank": bank, "split": split, "pages": "cold" if cold else "warm", "prefetch": prefetch}
+    out = {
+        "bank": bank,
+        "split": split,
+        "pages": "cold" if cold else "warm",
+        "prefetch": prefetch,
+        "hits_first": hits_first,
+    }
     try:
         out["residency"] = None
         if full:
@@ -356,7 +368,8 @@ def _row(r: dict) -> list:
         return "-" if v is None else f"{v:.{d}f}"
 
     return [
-        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}", r["prefetch"],
+        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}",
+        f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}",
         f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
         f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("prefetch_ms_per_token")),
         f(r.get("prefetch_precision", 0) * 100), f(r.get("unused_share", 0) * 100),

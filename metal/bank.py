@@ -135,24 +135,31 @@ class ExpertBank:
             v[slot * n : (slot + 1) * n] for v, n in zip(self._views, self.slot_nbytes, strict=True)
         )
 
-    def assign(self, experts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    def assign(
+        self, experts: list[int], keep: set[int] = frozenset()
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Make every expert in ``experts`` (distinct ids) resident-or-assigned.
 
         Returns ``(hits, misses)`` where ``misses`` are ``(expert, slot)`` pairs to read. Evicts
-        least recently used experts that are not in ``experts``. Raises BankFullError when
-        ``len(experts) > slots``.
+        experts by the policy, never one in ``experts`` or ``keep`` (slots still being written).
+        Raises BankFullError when ``len(experts) > slots`` or too few slots can be evicted.
         """
         if len(experts) > self.slots:
             raise BankFullError(
                 f"{len(experts)} experts needed at once, bank has {self.slots} slots"
             )
-        needed = set(experts)
+        needed = set(experts) | keep
         resident = self.table[experts] >= 0
         hits = [e for e, r in zip(experts, resident, strict=True) if r]
         missing = [e for e, r in zip(experts, resident, strict=True) if not r]
         shortfall = len(missing) - len(self.free)
         if shortfall > 0:
-            for victim in self.policy.victims(shortfall, needed):
+            victims = self.policy.victims(shortfall, needed)
+            if len(victims) < shortfall:
+                raise BankFullError(
+                    f"{len(experts)} experts needed at once, {len(keep)} slots still being read"
+                )
+            for victim in victims:
                 self.free.append(int(self.table[victim]))
                 self.table[victim] = -1
                 self.policy.remove(victim)

@@ -232,6 +232,7 @@ def load(
     drop_dense_cache: bool = True,
     prefetch: str = "off",
     bank_policy: str = "lru",
+    hits_first: bool = True,
 ):
     """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
 
@@ -247,6 +248,8 @@ def load(
     layer's router picks for the current hidden state (only residency changes, never the output).
     ``bank_policy`` ("lru", "lfu", "lfuda"): which resident expert a miss evicts
     (``metal/policies.py``; only residency changes, never the output).
+    ``hits_first``: in a decode step with misses, compute the resident experts while the misses
+    are read (same output: each expert's rows are computed alone either way).
     ``drop_dense_cache``: once the dense weights are in MLX's memory, drop the dense file from the
     page cache (Linux), so those bytes are not held twice (``bench/RESULTS.md``, "Dense weights").
     """
@@ -303,6 +306,7 @@ def load(
             direct=direct_io,
             prefetch=prefetch,
             policy=bank_policy,
+            hits_first=hits_first,
         )
     except BaseException:
         io.close()

@@ -50,6 +50,13 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         f"state) while this layer computes; auto backs off on low precision (default {PREFETCH_DEFAULT})",
     )
     s.add_argument(
+        "--hits-first",
+        choices=("on", "off"),
+        default="on",
+        help="in a decode step with misses, compute the resident experts while the misses are "
+        "read (default on; same output)",
+    )
+    s.add_argument(
         "--bank-policy",
         choices=("lru", "lfu", "lfuda"),
         default="lru",
@@ -138,4 +145,5 @@ def load_options(args: argparse.Namespace) -> dict:
         trace=getattr(args, "trace", None),
         prefetch=args.prefetch,
         bank_policy=args.bank_policy,
+        hits_first=args.hits_first == "on",
     )

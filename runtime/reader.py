@@ -1,7 +1,9 @@
 """The expert reader interface and its pure-Python thread-pool implementation.
 
 A reader takes a batch of scatter reads ``(fd, offset, buffers)`` - read ``sum(len(b))`` bytes of
-``fd`` at ``offset`` into ``buffers`` in order (one ``preadv``) - and waits for the whole batch.
+``fd`` at ``offset`` into ``buffers`` in order (one ``preadv``) - and returns a handle: ``wait()``
+for the whole batch, ``wait_for(start, stop)`` for some of its requests (the rest stay in flight),
+``done()`` without blocking.
 The native reader (``flashmoe.runtime.native_reader``) implements the same interface in C with the
 GIL released for the whole wait; this pool is the fallback.
 """
@@ -100,19 +102,32 @@ def direct_misalignment(
 
 
 class Batch:
-    """A submitted batch; ``wait()`` blocks until every read finished and raises the first error."""
+    """A submitted batch; ``wait()`` blocks until every read finished and raises the first error.
+
+    ``wait_for(start, stop)`` waits for requests ``[start, stop)`` only (the rest stay in flight).
+    """
 
     def __init__(self, futures: list[Future]):
         self._futures = futures
 
     def wait(self) -> None:
+        self.wait_for(0, len(self._futures))
+
+    def wait_for(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(self._futures):
+            raise IndexError(
+                f"wait_for({start}, {stop}) on a batch of {len(self._futures)} requests"
+            )
         first: BaseException | None = None
-        for f in self._futures:
+        for f in self._futures[start:stop]:
             exc = f.exception()
             if exc is not None and first is None:
                 first = exc
         if first is not None:
             raise first
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
 
 
 class PythonReader:

@@ -86,12 +86,63 @@ class _Area:
 
 @dataclass
 class _Ahead:
-    """A read-ahead in flight for one layer: the batch, the (expert, slot) pairs it fills."""
+    """A read-ahead in flight for one layer: the batch, the (expert, slot) pairs it fills, the
+    staging area it reads into (None: straight into the slots), which pairs have landed."""
 
     batch: object
     misses: list
     nbytes: int
     started: float
+    area: _Area | None = None
+    landed: set = field(default_factory=set)
+    counted: bool = False
+
+    @property
+    def record_bytes(self) -> int:
+        return self.nbytes // len(self.misses)
+
+
+class Pending:
+    """One ``ExpertStore.request``: ``hits`` are usable now, ``misses`` ((expert, slot) pairs)
+    once ``wait()`` returned. A failed or interrupted wait frees the missed slots first."""
+
+    def __init__(self, store: ExpertStore, layer: int, bank: ExpertBank, hits, misses):
+        self.store, self.layer, self.bank = store, layer, bank
+        self.hits: list[int] = hits
+        self.misses: list[tuple[int, int]] = misses
+        self.batch = None  # the reads in flight (the last staging round)
+        self.part: list[tuple[int, int]] = []
+        self.nbytes = 0
+
+    def land(self) -> None:
+        """Wait for the reads in flight and finish them (verify, device copies)."""
+        batch, self.batch = self.batch, None
+        if batch is None:
+            return
+        store = self.store
+        if store._open is self:
+            store._open = None
+        try:
+            batch.wait()
+            area = store._staging
+            store._finish(
+                self.layer, self.bank, [(i, e, s) for i, (e, s) in enumerate(self.part)], area
+            )
+        except BaseException:
+            _drain(batch)  # no read may still land in a slot we hand back
+            self.bank.abort(self.misses)
+            raise
+        store.stats.bytes_read += self.nbytes
+
+    def wait(self) -> None:
+        """Return once every missed expert is in its slot (exposed time counts as I/O)."""
+        if self.batch is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.land()
+        finally:
+            self.store.stats.io_seconds += time.perf_counter() - t0
 
 
 PREFETCH_MODES = ("off", "on", "auto")
@@ -115,6 +166,7 @@ class ExpertStore:
         direct: bool = False,
         prefetch: str = "off",
         policy: str = "lru",
+        hits_first: bool = True,
     ):
         from ..layouts.plan import split_plan
 
@@ -123,12 +175,14 @@ class ExpertStore:
                 f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}"
             )
         self.prefetch_mode = prefetch
+        self.hits_first = hits_first
         from ..metal.policies import make_policy
 
         make_policy(policy)  # refuses an unknown name now, not at the first bank
         self.policy = policy
         self._ahead: dict[int, _Ahead] = {}
-        self._ahead_area: _Area | None = None
+        self._ahead_areas: list[_Area] = []
+        self._open: Pending | None = None  # the last request, until its misses landed
         self._precision = 1.0  # moving average of read-ahead precision (auto mode)
         self._probe = 0
 
@@ -248,20 +302,31 @@ class ExpertStore:
 
     def ensure(self, layer: int, experts: list[int]) -> ExpertBank:
         """Make ``experts`` (distinct ids) resident in ``layer``'s bank, reading the misses."""
+        pending = self.request(layer, experts)
+        pending.wait()
+        return pending.bank
+
+    def request(self, layer: int, experts: list[int]) -> Pending:
+        """Start making ``experts`` (distinct ids) resident; return before the misses land.
+
+        The hits (``Pending.hits``) may be computed at once; ``Pending.wait()`` returns when the
+        misses are in their slots too. Read-ahead for ``layer`` is waited for only where it
+        holds experts asked for here; the rest keeps landing in the background.
+        """
         bank = self.bank(layer)
         t0 = time.perf_counter()
-        ahead = self._settle(layer)
+        self.land_open()
+        needed = set(experts)
+        self._settle(layer, needed=needed)
+        keep = self._in_flight(layer)
+        if len(keep | needed) > self.slots:  # no room beside the guesses still landing
+            self._settle(layer)
+            keep = set()
         bank.fence()
-        hits, misses = bank.assign(experts)
+        hits, misses = bank.assign(experts, keep=keep)
         self.stats.calls += 1
         self.stats.hits += len(hits)
-        if ahead is not None and ahead.misses:
-            used = len({e for e, _ in ahead.misses} & set(experts))
-            self.stats.prefetch_used += used
-            self.stats.prefetch_unused_bytes += (len(ahead.misses) - used) * (
-                ahead.nbytes // len(ahead.misses)
-            )
-            self._precision = 0.8 * self._precision + 0.2 * used / len(ahead.misses)
+        pending = Pending(self, layer, bank, hits, misses)
         if misses:
             self.stats.misses += len(misses)
             self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + len(
@@ -270,12 +335,31 @@ class ExpertStore:
             area = self._staging
             step = area.records if area is not None else len(misses)
             for i in range(0, len(misses), step):
+                if pending.batch is not None:  # staging is reused: the last round must land first
+                    pending.land()
                 part = misses[i : i + step]
                 requests, nbytes = self._requests(layer, bank, part, area)
-                batch = self.reader.submit(requests)
-                self._complete(layer, bank, part, area, batch, nbytes, abort=misses)
+                try:
+                    batch = self.reader.submit(requests)
+                except BaseException:
+                    bank.abort(misses)
+                    raise
+                pending.batch, pending.part, pending.nbytes = batch, part, nbytes
+            self._open = pending
         self.stats.io_seconds += time.perf_counter() - t0
-        return bank
+        return pending
+
+    def land_open(self) -> None:
+        """Finish the last ``request`` if its caller never waited (an error between the two)."""
+        if self._open is not None:
+            self._open.wait()
+
+    def _in_flight(self, layer: int) -> set[int]:
+        """Experts of ``layer`` still being read ahead (their slots must not be handed out)."""
+        ahead = self._ahead.get(layer)
+        if ahead is None:
+            return set()
+        return {e for i, (e, _) in enumerate(ahead.misses) if i not in ahead.landed}
 
     def prefetch_wanted(self, top_k: int) -> bool:
         """Whether to read ahead now (``prefetch`` mode, bank size, recent precision)."""
@@ -293,31 +377,24 @@ class ExpertStore:
         """Start reading the guessed ``experts`` of ``layer`` that are not resident; don't wait.
 
         Guesses take slots like misses (least recently used first, never a guessed expert);
-        at most half the bank is guessed. ``ensure(layer, ...)`` waits for the reads before it
-        touches the bank. Only residency changes: what is computed never does.
+        at most half the bank is guessed. ``request(layer, ...)`` waits for the guesses it uses
+        before it touches them. Only residency changes: what is computed never does.
         """
-        if layer in self._ahead or layer not in self._paths:
+        if layer not in self._paths:
             return
-        if self._staging is not None and self._ahead:
-            # one staging area for read-ahead: an older one still in flight (a step cut short
-            # by an error) must land before the area is reused
-            self.settle_all()
+        if layer in self._ahead:
+            self._settle(layer)  # the last guesses for this layer (long landed by now)
+        area = None
+        if self._staging is not None:
+            area = self._free_ahead_area()
         bank = self.bank(layer)
         bank.fence()
         guess = list(experts)[: max(1, self.slots // 2)]
         _, misses = bank.assign(guess)
-        area = None
-        if self._staging is not None and misses:
-            if self._ahead_area is None:
-                records = max(1, min(self.slots // 2, 32))
-                view = self._cuda.pinned(records * self.index.record_size)
-                self._ahead_area = _Area(view, records, -2)
-            area = self._ahead_area
-            if len(misses) > area.records:
-                bank.abort(misses[area.records :])
-                misses = misses[: area.records]
+        if area is not None and len(misses) > area.records:
+            bank.abort(misses[area.records :])
+            misses = misses[: area.records]
         if not misses:
-            self._ahead[layer] = _Ahead(None, [], 0, time.perf_counter())
             return
         requests, nbytes = self._requests(layer, bank, misses, area)
         try:
@@ -325,24 +402,72 @@ class ExpertStore:
         except BaseException:
             bank.abort(misses)
             raise
-        self._ahead[layer] = _Ahead(batch, misses, nbytes, time.perf_counter())
+        self._ahead[layer] = _Ahead(batch, misses, nbytes, time.perf_counter(), area)
         self.stats.prefetch_experts += len(misses)
         self.stats.prefetch_bytes += nbytes
 
-    def _settle(self, layer: int) -> _Ahead | None:
-        """Wait for ``layer``'s read-ahead (if any) and finish it (verify, device copies)."""
-        ahead = self._ahead.pop(layer, None)
-        if ahead is not None and ahead.batch is not None:
-            area = self._ahead_area if self._staging is not None else None
-            self._complete(
-                layer, self.banks[layer], ahead.misses, area, ahead.batch, ahead.nbytes,
-                abort=ahead.misses,
-            )  # fmt: skip
+    def _free_ahead_area(self) -> _Area:
+        """A pinned read-ahead area no guess in flight uses (two alternate: one layer's unused
+        guesses may still be landing while the next layer's are read)."""
+        busy = {id(a.area) for a in self._ahead.values()}
+        for area in self._ahead_areas:
+            if id(area) not in busy:
+                return area
+        if len(self._ahead_areas) < 2:
+            records = max(1, min(self.slots // 2, 32))
+            view = self._cuda.pinned(records * self.index.record_size)
+            area = _Area(view, records, -2 - len(self._ahead_areas))
+            self._ahead_areas.append(area)
+            return area
+        oldest = min(self._ahead, key=lambda layer: self._ahead[layer].started)
+        area = self._ahead[oldest].area
+        self._settle(oldest)
+        return area
+
+    def _settle(self, layer: int, needed: set[int] | None = None) -> None:
+        """Land ``layer``'s read-ahead: the guesses in ``needed`` (all when None), the rest later.
+
+        The first call with ``needed`` counts how many guesses were used.
+        """
+        ahead = self._ahead.get(layer)
+        if ahead is None:
+            return
+        if needed is not None and not ahead.counted:
+            ahead.counted = True
+            used = sum(1 for e, _ in ahead.misses if e in needed)
+            self.stats.prefetch_used += used
+            self.stats.prefetch_unused_bytes += (len(ahead.misses) - used) * ahead.record_bytes
+            self._precision = 0.8 * self._precision + 0.2 * used / len(ahead.misses)
+        partial = needed is not None and hasattr(ahead.batch, "wait_for")
+        take = [
+            i
+            for i, (e, _) in enumerate(ahead.misses)
+            if i not in ahead.landed and (not partial or e in needed)
+        ]
+        if take:
+            bank = self.banks[layer]
+            try:
+                if partial:
+                    per = len(self.plan)  # requests per expert, in expert order
+                    for lo, hi in _runs(take):
+                        ahead.batch.wait_for(lo * per, hi * per)
+                else:
+                    ahead.batch.wait()
+                self._finish(layer, bank, [(i, *ahead.misses[i]) for i in take], ahead.area)
+            except BaseException:
+                _drain(ahead.batch)
+                bank.abort([m for i, m in enumerate(ahead.misses) if i not in ahead.landed])
+                del self._ahead[layer]
+                raise
+            ahead.landed.update(take)
+            self.stats.bytes_read += len(take) * ahead.record_bytes
+        if len(ahead.landed) == len(ahead.misses):
+            del self._ahead[layer]
             self.stats.prefetch_seconds += time.perf_counter() - ahead.started
-        return ahead
 
     def settle_all(self) -> None:
-        """Wait for every read-ahead in flight (before closing, or emptying the banks)."""
+        """Wait for every read in flight (before closing, or emptying the banks)."""
+        self.land_open()
         for layer in list(self._ahead):
             self._settle(layer)
 
@@ -381,49 +506,35 @@ class ExpertStore:
                     nbytes += length
         return requests, nbytes
 
-    def _complete(self, layer, bank, part, area: _Area | None, batch, nbytes, *, abort) -> None:
-        """Wait for ``batch`` (the reads of ``part``), verify, move to the device where needed.
-
-        On any failure (Ctrl-C included) every read has ended and the slots of ``abort`` are
-        free again before the error propagates: no slot that a read may not have filled looks
-        valid.
-        """
-        try:
-            batch.wait()
-            record = self.index.record_size
-            if self.verify:
-                if area is None:
-                    records = [(e, bank.slot_buffers(slot)) for e, slot in part]
-                else:
-                    size = self.index.expert_bytes
-                    records = [
-                        (e, (area.view[i * record : i * record + size],))
-                        for i, (e, _) in enumerate(part)
-                    ]
-                self._check(layer, records)
-            if area is not None and not self._copies_in_pool:
-                base = cuda.address(area.view)
-                copies = []
-                for i, (_, slot) in enumerate(part):
-                    src = base + i * record
-                    for a, n in self._ranges(layer, bank):
-                        copies.append((a + slot * n, src, n))
-                        src += n
-                self._cuda.bind()
-                self._cuda.copy_to_device(copies)
-                self._cuda.synchronize()
-            elif area is None and self._cuda is not None:
-                # "prefetch" residency: migrate the written ranges in bulk
-                self._cuda.bind()
-                self._cuda.prefetch(
-                    [(a + slot * n, n) for _, slot in part for a, n in self._ranges(layer, bank)]
-                )
-                self._cuda.synchronize()
-        except BaseException:
-            _drain(batch)  # no read may still land in a slot we hand back
-            bank.abort(abort)
-            raise
-        self.stats.bytes_read += nbytes
+    def _finish(self, layer: int, bank: ExpertBank, part, area: _Area | None) -> None:
+        """After the reads of ``part`` ((staging record, expert, slot) triples) ended: verify
+        them, and with a reader that does not copy in the pool, move them to the device."""
+        record = self.index.record_size
+        if self.verify:
+            if area is None:
+                records = [(e, bank.slot_buffers(slot)) for _, e, slot in part]
+            else:
+                size = self.index.expert_bytes
+                records = [(e, (area.view[i * record : i * record + size],)) for i, e, _ in part]
+            self._check(layer, records)
+        if area is not None and not self._copies_in_pool:
+            base = cuda.address(area.view)
+            copies = []
+            for i, _, slot in part:
+                src = base + i * record
+                for a, n in self._ranges(layer, bank):
+                    copies.append((a + slot * n, src, n))
+                    src += n
+            self._cuda.bind()
+            self._cuda.copy_to_device(copies)
+            self._cuda.synchronize()
+        elif area is None and self._cuda is not None:
+            # "prefetch" residency: migrate the written ranges in bulk
+            self._cuda.bind()
+            self._cuda.prefetch(
+                [(a + slot * n, n) for _, _, slot in part for a, n in self._ranges(layer, bank)]
+            )
+            self._cuda.synchronize()
 
     def _ranges(self, layer: int, bank: ExpertBank) -> list[tuple[int, int]]:
         """(address of slot 0, bytes per slot) of each component array of ``layer``'s bank."""
@@ -492,6 +603,17 @@ def _release(fds: dict[int, int], reader) -> None:
         os.close(fd)
     fds.clear()
     reader.close()
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _drain(batch) -> None:

@@ -152,10 +152,42 @@ class StreamingSwitchGLU(nn.Module):
         return out
 
     def _compute(self, x: mx.array, experts: np.ndarray, unique: np.ndarray) -> mx.array:
-        bank = self._store.ensure(self.layer, unique.tolist())
-        out = self._glu(bank)(x, bank.slot_ids(experts))
+        store = self._store
+        pending = store.request(self.layer, unique.tolist())
+        bank = pending.bank
+        glu = self._glu(bank)
+        if (
+            pending.misses
+            and pending.hits
+            and store.hits_first
+            and experts.size == experts.shape[-1]
+        ):
+            out = self._hits_first(x, experts, pending, glu)
+        else:
+            pending.wait()
+            out = glu(x, bank.slot_ids(experts))
         bank.add_pending(out)
         return out
+
+    def _hits_first(self, x: mx.array, experts: np.ndarray, pending, glu) -> mx.array:
+        """One token: compute its resident experts while the misses are read, then the misses.
+
+        Each routed expert's row of the SwitchGLU output depends on that expert alone, so the
+        two partial outputs, put back in routing order, are the rows mlx-lm computes; the
+        block's weighted sum then runs over them as usual (bit-identical).
+        """
+        bank = pending.bank
+        row = experts.reshape(-1)
+        missed = np.isin(row, [e for e, _ in pending.misses])
+        hit_pos, miss_pos = np.flatnonzero(~missed), np.flatnonzero(missed)
+        lead = experts.shape[:-1]
+        out_hits = glu(x, bank.slot_ids(row[hit_pos].reshape(*lead, -1)))
+        mx.async_eval(out_hits)
+        pending.wait()
+        out_misses = glu(x, bank.slot_ids(row[miss_pos].reshape(*lead, -1)))
+        order = np.argsort(np.concatenate([hit_pos, miss_pos])).astype(np.uint32)
+        both = mx.concatenate([out_hits, out_misses], axis=-2)
+        return mx.take(both, mx.array(order), axis=-2)
 
     def _compute_in_groups(self, x: mx.array, experts: np.ndarray, flat: np.ndarray) -> mx.array:
         """Split the tokens into groups whose expert unions fit in the bank.

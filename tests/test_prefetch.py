@@ -31,6 +31,7 @@ def test_prefetch_on_is_bit_identical(layout, family, fraction, reader):
     )
     assert np.array_equal(logits, ref_logits)
     assert tokens == ref_tokens
+    model.flashmoe.store.settle_all()  # unused guesses may still be landing
     s = model.flashmoe.store.stats
     assert s.prefetch_experts > 0
     assert 0 <= s.prefetch_used <= s.prefetch_experts
@@ -102,3 +103,25 @@ def test_bank_policies_change_residency_not_output(layout, policy):
     assert type(bank.policy).__name__ == {"lfu": "LFUPolicy", "lfuda": "LFUDAPolicy"}[policy]
     with pytest.raises(ValueError, match="unknown bank policy"):
         load(str(out), bank_policy="mru")
+
+
+def test_hits_first_is_bit_identical(layout, monkeypatch):
+    """Decode steps with hits and misses compute the hits before the misses land: same output."""
+    from flashmoe.runtime.streaming import StreamingSwitchGLU
+
+    calls = []
+    real = StreamingSwitchGLU._hits_first
+
+    def counting(self, *a):
+        calls.append(self.layer)
+        return real(self, *a)
+
+    monkeypatch.setattr(StreamingSwitchGLU, "_hits_first", counting)
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    _, logits, tokens = streamed(out, prompt, bank_experts=6)
+    assert np.array_equal(logits, ref_logits) and tokens == ref_tokens
+    assert calls, "no decode step had both hits and misses"
+    calls.clear()
+    _, _, tokens = streamed(out, prompt, bank_experts=6, hits_first=False)
+    assert tokens == ref_tokens and not calls

@@ -67,6 +67,7 @@ typedef struct {
     int cuerr;   /* the CUresult when err == CUDA_ERR */
     const unsigned long long *copies; /* (device, host, bytes) triples to copy after the read */
     Py_ssize_t ncopies;
+    int retired; /* the job ended (pool mutex): what Batch.wait_for waits on */
 } Job;
 
 typedef struct Pool Pool;
@@ -97,7 +98,8 @@ struct Pool {
     pthread_t *threads;
     int nthreads;
     int shutdown;
-    void *cuda_ctx; /* the CUDA context device copies run in (Pool.set_device) */
+    int partial_waiters; /* threads in Batch.wait_for: every retired job broadcasts `done` */
+    void *cuda_ctx;      /* the CUDA context device copies run in (Pool.set_device) */
 };
 
 typedef struct {
@@ -173,10 +175,12 @@ static void *worker(void *arg)
 {
     Pool *p = (Pool *)arg;
     BatchObject *finished = NULL; /* batch of the job this thread just ran */
+    Job *ran = NULL;
     pthread_mutex_lock(&p->mu);
     for (;;) {
         if (finished != NULL) {
-            if (--finished->remaining == 0)
+            ran->retired = 1;
+            if (--finished->remaining == 0 || p->partial_waiters > 0)
                 pthread_cond_broadcast(&p->done);
             finished = NULL;
         }
@@ -196,6 +200,7 @@ static void *worker(void *arg)
         if (j->err == 0 && j->ncopies > 0)
             run_copies(j, p->cuda_ctx);
         finished = b;
+        ran = j;
         pthread_mutex_lock(&p->mu);
     }
     pthread_mutex_unlock(&p->mu);
@@ -324,6 +329,40 @@ static PyObject *Batch_wait(BatchObject *b, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* wait_for(start, stop): block (GIL released) until jobs [start, stop) retired; raise the first
+ * error among them. The others stay in flight and the buffers stay held until the whole batch ends. */
+static PyObject *Batch_wait_for(BatchObject *b, PyObject *args)
+{
+    Py_ssize_t start, stop;
+    if (!PyArg_ParseTuple(args, "nn", &start, &stop))
+        return NULL;
+    if (start < 0 || stop > b->njobs || start > stop) {
+        PyErr_Format(PyExc_IndexError, "wait_for(%zd, %zd) on a batch of %zd requests", start, stop,
+                     b->njobs);
+        return NULL;
+    }
+    if (!b->released && b->pool != NULL) {
+        Pool *p = b->pool;
+        int all_done;
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&p->mu);
+        p->partial_waiters++;
+        for (Py_ssize_t i = start; i < stop; i++)
+            while (!b->jobs[i].retired)
+                pthread_cond_wait(&p->done, &p->mu);
+        p->partial_waiters--;
+        all_done = b->remaining == 0;
+        pthread_mutex_unlock(&p->mu);
+        Py_END_ALLOW_THREADS
+        if (all_done)
+            batch_release(b);
+    }
+    for (Py_ssize_t i = start; i < stop; i++)
+        if (b->jobs[i].err != 0)
+            return raise_job_error(b, i);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Batch_done(BatchObject *b, PyObject *Py_UNUSED(ignored))
 {
     Pool *p = b->pool;
@@ -357,6 +396,9 @@ static PyObject *Batch_len(BatchObject *b, void *Py_UNUSED(c)) { return PyLong_F
 static PyMethodDef Batch_methods[] = {
     {"wait", (PyCFunction)Batch_wait, METH_NOARGS,
      "Block (GIL released) until every read finished; raise the first error as ReadError."},
+    {"wait_for", (PyCFunction)Batch_wait_for, METH_VARARGS,
+     "wait_for(start, stop): block (GIL released) until requests [start, stop) finished; raise the "
+     "first error among them as ReadError. The rest stay in flight."},
     {"done", (PyCFunction)Batch_done, METH_NOARGS, "True when every read finished (does not block)."},
     {NULL},
 };
