@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..hubio import error_line
 from ..layouts import DEFAULT_ALIGNMENT, LayoutError
-from ..layouts.hub import error_line
 
 PROG = "flashmoe-convert"
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["verify"]:
             args = build_verify_parser().parse_args(argv[1:])
-            from ..layouts.verify import verify_layout
+            from ..verify import verify_layout
 
             index = verify_layout(args.out, checksums=not args.sizes_only, progress=not args.quiet)
             what = "sizes" if args.sizes_only else "sizes and checksums"
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             return _fail("--workers: must be >= 1")
         if args.upload_repo:
-            from ..layouts.hub import check_repo_id
+            from ..hubio import check_repo_id
 
             check_repo_id(args.upload_repo)  # fail before converting, not after
         from . import convert_checkpoint

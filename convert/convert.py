@@ -13,6 +13,7 @@ from pathlib import Path
 from flashmoe import __version__
 
 from ..layouts import (
+    CARD_FILE,
     DEFAULT_ALIGNMENT,
     DENSE_FILE,
     EXPERTS_DIR,
@@ -20,19 +21,21 @@ from ..layouts import (
     Index,
     LayerFile,
     LayoutError,
+    blob_sha256,
+    layer_file,
     read_index,
     write_index,
 )
-from ..layouts.card import model_card
 from ..layouts.plan import all_split_plans, check_alignment
-from ..layouts.verify import spot_check_layout
+from ..verify import spot_check_layout
+from .card import model_card
 from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
 from .geometry import ExpertPlan, plan_experts
 from .lock import output_lock
 from .model_check import check_mlx_lm_loads
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
-from .source import Source, aux_files, cached_sha256, resolve_source
+from .source import Source, aux_files, resolve_source
 from .state import ConversionState, has_index, is_empty_output
 from .writers import (
     Cancelled,
@@ -44,8 +47,6 @@ from .writers import (
     write_layer,
 )
 
-README = "README.md"
-
 
 @dataclass
 class Task:
@@ -55,10 +56,6 @@ class Task:
     size: int  # final file size
     work: int  # bytes of progress it reports
     run: Callable
-
-
-def layer_file(layer: int) -> str:
-    return f"{EXPERTS_DIR}/layer-{layer:03d}.bin"
 
 
 def _fingerprint(src: Source, ckpt: Checkpoint, aux: list[str], alignment: int) -> dict:
@@ -273,7 +270,7 @@ def _source_files(src: Source, ckpt: Checkpoint, aux: list[str]) -> list[dict]:
             {
                 "name": name,
                 "size": st.st_size,
-                "sha256": cached_sha256(p),
+                "sha256": blob_sha256(p),
                 "mtime_ns": st.st_mtime_ns,
             }
         )
@@ -281,17 +278,17 @@ def _source_files(src: Source, ckpt: Checkpoint, aux: list[str]) -> list[dict]:
 
 
 def _write_readme(out: Path, index: Index, src: Source) -> None:
-    readme = src.path / README
+    readme = src.path / CARD_FILE
     source_readme = readme.read_text(errors="replace") if readme.is_file() else None
     data = model_card(index, source_readme=source_readme).encode()
-    partial = out / (README + ".partial")
+    partial = out / (CARD_FILE + ".partial")
     fd = open_for_write(partial, len(data))
     try:
         pwrite_full(fd, memoryview(data), 0)
     except BaseException:
         os.close(fd)
         raise
-    finish(fd, partial, out / README)
+    finish(fd, partial, out / CARD_FILE)
 
 
 def _verify_against_source(

@@ -16,17 +16,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..layouts import INDEX_FILE, Index
-from ..layouts.hub import (
+from ..hubio import (
     HubError,
     check_repo_id,
     hub_error_message,
     progress_bars,
     run_transfer_command,
 )
+from ..layouts import CARD_FILE, INDEX_FILE, Index
 
 PROG = "flashmoe-publish"
-README = "README.md"
 GB = 1000**3
 FILE_RECOMMENDED = 200 * GB  # Hub: files under 200 GB recommended
 FILE_LIMIT = 500 * GB  # Hub: hard limit per file
@@ -112,7 +111,7 @@ def plan_upload(
     data = [(e.file, e.size) for e in index.layers] + [(index.dense.name, index.dense.size)]
     small = [(f.name, f.size) for f in index.files]
     small += [
-        (README, (root / README).stat().st_size),
+        (CARD_FILE, (root / CARD_FILE).stat().st_size),
         (INDEX_FILE, (root / INDEX_FILE).stat().st_size),
     ]
     commits: list[list[tuple[str, int]]] = []
@@ -133,12 +132,12 @@ def plan_upload(
 
 def write_card(root: Path, index: Index, repo_id: str) -> Path:
     """Write (or refresh) README.md for ``repo_id``, keeping the license of the current card."""
-    from ..layouts.card import model_card
+    from .card import model_card
 
-    path = root / README
+    path = root / CARD_FILE
     current = path.read_text(errors="replace") if path.is_file() else None
     text = model_card(index, source_readme=current, hub_repo=repo_id)
-    tmp = root / (README + ".partial")
+    tmp = root / (CARD_FILE + ".partial")
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
@@ -183,7 +182,7 @@ def publish(
     ``dry_run`` prints the plan and writes the card without any network access. Returns the plan
     (with ``commit`` set after an upload). Raises HubError / LayoutError with a one-line message.
     """
-    from ..layouts.verify import verify_layout
+    from ..verify import verify_layout
 
     check_repo_id(repo_id)
     root = Path(layout_dir)
@@ -198,7 +197,7 @@ def publish(
     plan = plan_upload(root, index, repo_id, revision=revision or "main", private=private)
     print(plan.describe(), file=out)
     if api is None:
-        print(f"dry run: nothing uploaded; model card written to {root / README}", file=out)
+        print(f"dry run: nothing uploaded; model card written to {root / CARD_FILE}", file=out)
         return plan
 
     message = commit_message or f"Upload flashmoe layout ({index.model_type})"

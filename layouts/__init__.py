@@ -1,25 +1,42 @@
-"""The on-disk layout: the contract between the converter and the runtime (see FORMAT.md)."""
+"""The on-disk layout: the contract between the converter and the runtime (see FORMAT.md).
 
+Imports nothing else of flashmoe.
+"""
+
+from .errors import LayoutError
 from .families import COMPONENTS, FAMILIES, family_for, text_config
+from .hfcache import CacheSnapshot, blob_sha256, cache_snapshot
 from .index import (
-    DENSE_FILE,
-    EXPERTS_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
-    INDEX_FILE,
     Component,
     FileEntry,
     Index,
     LayerFile,
-    LayoutError,
     read_index,
-    safe_relative_path,
     write_index,
+)
+from .naming import (
+    CARD_FILE,
+    CODE_PATTERNS,
+    COPIED_FILES,
+    DENSE_FILE,
+    EXPERTS_DIR,
+    INDEX_FILE,
+    TOKENIZER_FILES,
+    copied_files,
+    layer_file,
+    listed_files,
+    lists_tokenizer,
+    safe_relative_path,
 )
 from .plan import DEFAULT_ALIGNMENT, MAX_SPLIT, record_size, split_plan
 
 __all__ = [
+    "CARD_FILE",
+    "CODE_PATTERNS",
     "COMPONENTS",
+    "COPIED_FILES",
     "DEFAULT_ALIGNMENT",
     "DENSE_FILE",
     "EXPERTS_DIR",
@@ -28,12 +45,20 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_FILE",
     "MAX_SPLIT",
+    "TOKENIZER_FILES",
+    "CacheSnapshot",
     "Component",
     "FileEntry",
     "Index",
     "LayerFile",
     "LayoutError",
+    "blob_sha256",
+    "cache_snapshot",
+    "copied_files",
     "family_for",
+    "layer_file",
+    "listed_files",
+    "lists_tokenizer",
     "read_index",
     "record_size",
     "safe_relative_path",

@@ -61,12 +61,3 @@ def match_expert_key(family: Family, key: str) -> tuple[int, str, str] | None:
     if m is None:
         return None
     return int(m["layer"]), m["prefix"], m["component"]
-
-
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_of_module_path(path: str) -> int | None:
-    """The decoder layer index in an mlx-lm module path like ``...layers.12.mlp.switch_mlp``."""
-    m = _LAYER_IN_PATH.search(path)
-    return int(m.group(1)) if m else None

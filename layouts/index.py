@@ -11,19 +11,14 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .families import COMPONENTS
+from .errors import LayoutError
+from .families import COMPONENTS, text_config
+from .naming import DENSE_FILE, INDEX_FILE, safe_relative_path
 from .plan import MAX_SPLIT, check_alignment, record_size, split_plan
 
 FORMAT_NAME = "flashmoe-layout"
 FORMAT_VERSION = 1
-INDEX_FILE = "flashmoe-index.json"
-DENSE_FILE = "model-dense.safetensors"
-EXPERTS_DIR = "experts"
 CHECKSUM_ALGORITHM = "sha256"
-
-
-class LayoutError(ValueError):
-    """A layout that is missing, incomplete, corrupt or from an unknown format version."""
 
 
 @dataclass
@@ -127,36 +122,8 @@ def _fields(cls, d, where: str) -> dict:
     return dict(d)
 
 
-def safe_relative_path(root: Path, name: str, what: str = "file") -> Path:
-    """Resolve ``name`` under ``root``, refusing absolute paths, ``..`` and symlinks that leave it."""
-    ok = isinstance(name, str) and name and "\0" not in name and "\\" not in name
-    parts = name.split("/") if ok else []
-    if not ok or name.startswith("/") or any(part in ("..", ".", "") for part in parts):
-        raise LayoutError(f"{root / INDEX_FILE}: {what} name {name!r} is not a plain relative path")
-    full = root.joinpath(*parts)
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(full)
-    if os.path.commonpath([real_root, real]) != real_root:
-        blobs = _hf_cache_blobs(real_root)
-        if blobs is None or os.path.commonpath([blobs, real]) != blobs:
-            raise LayoutError(f"{root / INDEX_FILE}: {what} {name!r} resolves outside the layout")
-    return full
-
-
-def _hf_cache_blobs(real_root: str) -> str | None:
-    """The ``blobs`` folder of the Hugging Face cache repo when ``real_root`` is one of its snapshots.
-
-    A snapshot (``models--ORG--NAME/snapshots/COMMIT``) holds symlinks to ``../../blobs/ETAG``,
-    which are the only targets outside the layout directory allowed.
-    """
-    parent = os.path.dirname(real_root)
-    if os.path.basename(parent) != "snapshots":
-        return None
-    blobs = os.path.join(os.path.dirname(parent), "blobs")
-    return blobs if os.path.isdir(blobs) else None
-
-
-DTYPE_SIZES = {"U32": 4, "U8": 1, "BF16": 2, "F16": 2, "F32": 4}
+# Component dtypes: packed weights are U32, scales and biases as in the source.
+DTYPE_SIZES = {"U32": 4, "BF16": 2, "F16": 2, "F32": 4}
 _HEX = set("0123456789abcdef")
 
 
@@ -224,9 +191,10 @@ def _check_config(index: Index) -> str | None:
     config = index.config
     if config.get("model_type") != index.model_type:
         return f"config model_type {config.get('model_type')!r} is not {index.model_type!r}"
-    tc = config.get("text_config", config)
-    if not isinstance(tc, dict):
-        return f"config text_config must be an object, got {type(tc).__name__}"
+    try:
+        tc = text_config(config)
+    except ValueError as e:
+        return str(e)
     for key, value in (("num_experts", index.num_experts), ("num_experts_per_tok", index.top_k)):
         if key in tc and (not _is_int(tc[key]) or tc[key] != value):
             return f"config {key} {tc[key]!r} disagrees with the index ({value})"

@@ -20,29 +20,26 @@ import os
 import sys
 from pathlib import Path
 
-from ..layouts import INDEX_FILE, Index, LayoutError, read_index
-from ..layouts.hub import (
+from ..hubio import (
     HubError,
     check_repo_id,
     hub_error_message,
-    is_repo_id,
     progress_bars,
     run_transfer_command,
 )
+from ..layouts import (
+    CODE_PATTERNS,
+    INDEX_FILE,
+    LayoutError,
+    cache_snapshot,
+    listed_files,
+    read_index,
+)
 
 PROG = "flashmoe-pull"
-#: Never downloaded, whatever the index lists: no remote code.
-IGNORE_PATTERNS = ["*.py", "*.pyc", "*.pyo", "*.so", "*.dylib", "*.dll", "*.sh", "*.exe"]
 MARKER_VERSION = 2
 
-__all__ = ["HubError", "is_repo_id", "listed_files", "main", "pull"]
-
-
-def listed_files(index: Index) -> list[str]:
-    """Every file the index names (and checksums): layer files, dense file, copied files."""
-    return [INDEX_FILE, index.dense.name, *(e.file for e in index.layers)] + [
-        f.name for f in index.files
-    ]
+__all__ = ["main", "pull"]
 
 
 def _download(repo_id: str, revision, local_dir, token, progress: bool, names: list[str]) -> Path:
@@ -56,7 +53,7 @@ def _download(repo_id: str, revision, local_dir, token, progress: bool, names: l
                 local_dir=local_dir,
                 token=token,
                 allow_patterns=[glob.escape(n) for n in names],
-                ignore_patterns=IGNORE_PATTERNS,
+                ignore_patterns=list(CODE_PATTERNS),
             )
     except Exception as e:  # huggingface_hub and httpx raise many types: report one line
         raise HubError(_pull_error(e, repo_id, revision)) from None
@@ -87,8 +84,8 @@ def pull(
     for f in [index.dense, *index.files]:
         if f.sha256 is None:  # the index is the trust root: all it lists must be checksummed
             raise HubError(f"{repo_id}: {INDEX_FILE} lists {f.name} without a sha256")
-    real = Path(os.path.realpath(root))
-    commit = real.name if real.parent.name == "snapshots" else revision  # the index's commit
+    snapshot = cache_snapshot(root)
+    commit = snapshot.commit if snapshot else revision  # the index's commit
     _download(repo_id, commit, local_dir, token, progress, listed_files(index))
     if verify:
         verify_once(root, progress=progress)
@@ -112,10 +109,10 @@ def _pull_error(e: Exception, repo_id: str, revision: str | None) -> str:
 
 # ----------------------------------------------------------------------------- verification marker
 def _marker_path(root: Path) -> Path:
-    real = Path(os.path.realpath(root))
-    if real.parent.name == "snapshots":  # HF cache: models--ORG--NAME/snapshots/COMMIT
-        return real.parent.parent / ".flashmoe" / f"verified-{real.name}.json"
-    return real / ".cache" / "flashmoe" / "verified.json"
+    snapshot = cache_snapshot(root)
+    if snapshot is not None:
+        return snapshot.repo_dir / ".flashmoe" / f"verified-{snapshot.commit}.json"
+    return Path(os.path.realpath(root)) / ".cache" / "flashmoe" / "verified.json"
 
 
 def _fingerprint(root: Path) -> dict:
@@ -128,10 +125,10 @@ def _fingerprint(root: Path) -> dict:
         except FileNotFoundError:
             return {}
         files[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    real = Path(os.path.realpath(root))
+    snapshot = cache_snapshot(root)
     return {
         "version": MARKER_VERSION,
-        "commit": real.name if real.parent.name == "snapshots" else None,
+        "commit": snapshot.commit if snapshot else None,
         "index_sha256": hashlib.sha256((root / INDEX_FILE).read_bytes()).hexdigest(),
         "files": files,
     }
@@ -140,7 +137,7 @@ def _fingerprint(root: Path) -> dict:
 def is_verified(root: str | os.PathLike) -> bool:
     """Whether this exact snapshot already passed a full verification, unchanged since (and its
     copied files, re-hashed now, still match the index)."""
-    from ..layouts.verify import check_copied_files
+    from ..verify import check_copied_files
 
     root = Path(root)
     try:
@@ -159,7 +156,7 @@ def is_verified(root: str | os.PathLike) -> bool:
 
 def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:
     """Verify the layout at ``root`` (sizes and checksums) unless already verified as it is now."""
-    from ..layouts.verify import verify_layout
+    from ..verify import verify_layout
 
     root = Path(root)
     if is_verified(root):

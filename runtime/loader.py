@@ -6,6 +6,7 @@ import atexit
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -16,9 +17,18 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from ..layouts import DENSE_FILE, INDEX_FILE, Index, LayoutError, read_index, text_config
-from ..layouts.families import layer_of_module_path
-from ..layouts.hub import error_line
+from ..hubio import error_line, is_repo_id
+from ..layouts import (
+    DENSE_FILE,
+    INDEX_FILE,
+    MAX_SPLIT,
+    TOKENIZER_FILES,
+    Index,
+    LayoutError,
+    lists_tokenizer,
+    read_index,
+    text_config,
+)
 from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
 from .reader import make_reader
 from .store import ExpertStore
@@ -61,16 +71,11 @@ def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
     p = Path(path_or_repo).expanduser()
     if p.exists():
         return p
-    from ..layouts.hub import is_repo_id
-
     if is_repo_id(path_or_repo):
         from .hub import pull
 
         return pull(path_or_repo, **pull_options)
     raise LayoutError(f"{path_or_repo}: no such layout directory")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _reserve_std_fds() -> None:
@@ -127,11 +132,9 @@ def _listed_view(root: Path, index: Index) -> Path:
     """A directory of symlinks to the files the index lists and nothing else: mlx-lm reads the
     model config, dense weights and tokenizer from it, never an unlisted file of ``root``."""
     listed = {f.name for f in index.files}
-    if not any(n in listed for n in _TOKENIZER_FILES) and not any(
-        n.endswith(".tiktoken") for n in listed
-    ):
+    if not lists_tokenizer(listed):
         raise LayoutError(
-            f"{root / INDEX_FILE}: lists no tokenizer ({', '.join(_TOKENIZER_FILES)} or *.tiktoken)"
+            f"{root / INDEX_FILE}: lists no tokenizer ({', '.join(TOKENIZER_FILES)} or *.tiktoken)"
         )
     view = Path(tempfile.mkdtemp(prefix="flashmoe-view-"))
     atexit.register(shutil.rmtree, view, ignore_errors=True)
@@ -147,6 +150,15 @@ def _listed_view(root: Path, index: Index) -> Path:
     return view
 
 
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_of_module_path(path: str) -> int | None:
+    """The decoder layer index in an mlx-lm module path like ``...layers.12.mlp.switch_mlp``."""
+    m = _LAYER_IN_PATH.search(path)
+    return int(m.group(1)) if m else None
+
+
 def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
     """Replace every SwitchGLU child in ``model`` by ``make(path, layer, glu)``; return (parent, layer)."""
     found = []
@@ -157,7 +169,7 @@ def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
                 found.append((module, name, child, child_path))
     swapped = []
     for parent, name, glu, child_path in found:
-        layer = layer_of_module_path(child_path)
+        layer = _layer_of_module_path(child_path)
         if layer is None:
             raise LayoutError(f"cannot tell the layer of MoE module {child_path}")
         setattr(parent, name, make(layer, glu))
@@ -260,15 +272,15 @@ def load(
     tc = text_config(index.config)
     _check_config_file(root, index)
     if verify:  # the dense weights and copied files too, not only each expert read
-        from ..layouts.verify import check_copied_files
+        from ..verify import check_copied_files
 
         check_copied_files(root, index, dense=True)
     moe_layers = len(index.layers)
     top_k = index.top_k if k is None else k
     if not 1 <= top_k <= index.num_experts:
         raise ValueError(f"--k {top_k} is not in 1..{index.num_experts} (experts per layer)")
-    if not 1 <= cache_io_split <= 8:
-        raise ValueError(f"cache-io-split must be in 1..8, got {cache_io_split}")
+    if not 1 <= cache_io_split <= MAX_SPLIT:
+        raise ValueError(f"cache-io-split must be in 1..{MAX_SPLIT}, got {cache_io_split}")
 
     if bank_experts is not None:
         if not top_k <= bank_experts <= index.num_experts:

@@ -6,7 +6,8 @@ import argparse
 import math
 import sys
 
-from ..layouts.hub import error_line as error_line  # re-exported for the CLIs
+from ..hubio import error_line as error_line  # re-exported for the CLIs
+from ..layouts import MAX_SPLIT
 
 _SEED_MAX = 2**64 - 1
 
@@ -23,7 +24,9 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
     )
     s = p.add_argument_group("expert streaming")
     s.add_argument("--k", type=int, default=None, help="routed experts per token (default: config)")
-    s.add_argument("--cache-io-split", type=int, default=1, help="chunks per expert read, 1..8")
+    s.add_argument(
+        "--cache-io-split", type=int, default=1, help=f"chunks per expert read, 1..{MAX_SPLIT}"
+    )
     s.add_argument("--io-threads", type=int, default=8)
     s.add_argument("--reader", choices=("auto", "native", "python"), default="auto")
     s.add_argument("--bank-experts", type=int, default=None, help="expert slots per MoE layer")

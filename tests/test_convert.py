@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flashmoe.convert import convert_checkpoint
 from flashmoe.layouts import COMPONENTS, DENSE_FILE, INDEX_FILE, read_index, split_plan
-from flashmoe.layouts.verify import verify_layout
 from safetensors import safe_open
+
+from flashmoe.verify import verify_layout
 
 FAMILIES = ["qwen3_5_moe", "qwen3_5_moe_flat", "qwen3_moe", "qwen3_next"]
 # (bits, group_size, dtype): every bits, group size and dtype at least once.
@@ -152,14 +153,20 @@ def test_index_contents(layout):
     )
 
 
+def card_data(layout_dir: Path) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard((layout_dir / "README.md").read_text()).data.to_dict()
+
+
 def test_model_card(layout):
     _, out = layout("qwen3_moe")
     card = (out / "README.md").read_text()
-    front = card.split("---")[1]
-    assert 'license: "apache-2.0"' in front and "library_name: mlx" in front
-    assert "pipeline_tag: text-generation" in front
-    assert "- flashmoe" in front and '- "qwen3_moe"' in front
-    assert "base_model" not in front  # a local source has no repo id
+    data = card_data(out)
+    assert data["license"] == "apache-2.0" and data["library_name"] == "mlx"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["tags"] == ["mlx", "moe", "flashmoe", "qwen3_moe"]
+    assert "base_model" not in data  # a local source has no repo id
     assert (
         "pip install flashmoe" in card and "flashmoe-run" in card and "flashmoe-index.json" in card
     )
@@ -242,9 +249,9 @@ def test_hub_source(checkpoint, tmp_path):
     for f in index.source["files"]:
         if f["name"].endswith(".safetensors"):  # LFS files: sha256 from the cache's blob names
             assert f["sha256"] == hashlib.sha256((src / f["name"]).read_bytes()).hexdigest()
-    front = (tmp_path / "a" / "README.md").read_text().split("---")[1]
-    assert 'base_model: "org/tiny-moe"' in front and "base_model_relation: quantized" in front
-    assert 'license: "mit"' in front
+    data = card_data(tmp_path / "a")
+    assert data["base_model"] == "org/tiny-moe" and data["base_model_relation"] == "quantized"
+    assert data["license"] == "mit"
     assert_records_match_source(src, tmp_path / "a")
 
     # The hub is gone: offline, the cached snapshot converts to the same layout ...

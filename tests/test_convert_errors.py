@@ -19,7 +19,8 @@ import pytest
 from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.convert.cli import main
 from flashmoe.layouts import INDEX_FILE, LayoutError, read_index
-from flashmoe.layouts.verify import verify_layout
+
+from flashmoe.verify import verify_layout
 
 
 def copy_of(checkpoint, tmp_path: Path, family: str = "qwen3_moe", **opts) -> Path:

@@ -14,7 +14,8 @@ from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.convert.lock import LOCK_FILE
 from flashmoe.convert.writers import SLOW_ENV
 from flashmoe.layouts import INDEX_FILE, read_index
-from flashmoe.layouts.verify import verify_layout
+
+from flashmoe.verify import verify_layout
 
 
 def convert_cli(src: Path, out: Path, *extra: str, slow: bool = False) -> subprocess.Popen:

@@ -13,7 +13,8 @@ import pytest
 from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.convert.writers import SLOW_ENV
 from flashmoe.layouts import INDEX_FILE, LayoutError
-from flashmoe.layouts.verify import verify_layout
+
+from flashmoe.verify import verify_layout
 
 DONE = ".flashmoe-convert/done"
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.layouts import INDEX_FILE, LayoutError, read_index
-from flashmoe.layouts.verify import verify_layout
 from flashmoe.runtime import load
 from mlx_lm import generate
+
+from flashmoe.verify import verify_layout
 
 SEED = 15
 BUDGET_S = 20  # per test; the case counts below normally finish well within it

@@ -13,8 +13,9 @@ import pytest
 from flashmoe.convert import hub as publish_mod
 from flashmoe.convert.hub import check_limits, publish
 from flashmoe.layouts import INDEX_FILE, LayoutError, read_index, safe_relative_path
-from flashmoe.layouts.hub import HubError, is_repo_id
 from flashmoe.runtime.hub import is_verified, pull
+
+from flashmoe.hubio import HubError, is_repo_id
 
 REPO = "flashmoe-test/tiny-moe"
 
@@ -281,7 +282,7 @@ def test_offline_uses_verified_cache_without_rehash(hub, tiny_layout, monkeypatc
     def no_rehash(*a, **k):
         raise AssertionError("verified snapshot was hashed again")
 
-    monkeypatch.setattr("flashmoe.layouts.verify.verify_layout", no_rehash)
+    monkeypatch.setattr("flashmoe.verify.verify_layout", no_rehash)
     assert pull(REPO, progress=False) == root
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         pull("flashmoe-test/never-pulled", progress=False)

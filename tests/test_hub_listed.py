@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from flashmoe.layouts import INDEX_FILE, LayoutError
-from flashmoe.layouts.hub import HubError
 from flashmoe.runtime.hub import is_verified, pull
 from test_hub import _put_layout
+
+from flashmoe.hubio import HubError
 
 REPO = "flashmoe-test/listed"
 

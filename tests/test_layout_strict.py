@@ -44,7 +44,7 @@ def _set(key, value):
         (lambda d: d["config"].__setitem__("num_experts_per_tok", 3), "num_experts_per_tok 3"),
         (lambda d: d["config"].__setitem__("num_experts", 32), "config num_experts 32 disagrees"),
         (lambda d: d["config"].__setitem__("model_type", ["qwen3_moe"]), "config model_type"),
-        (lambda d: d["config"].__setitem__("text_config", [1]), "text_config must be an object"),
+        (lambda d: d["config"].__setitem__("text_config", [1]), "text_config must be a JSON object"),
         (_set("model_type", ["qwen3_moe"]), "model_type a string"),
         (lambda d: d["files"][0].__setitem__("sha256", "x"), "sha256 must be 64 lowercase hex"),
         (

@@ -1,30 +1,23 @@
-"""The README.md model card written next to a layout."""
+"""The model card (README.md) written next to a layout, rendered by ``huggingface_hub.ModelCard``."""
 
 from __future__ import annotations
 
-import json
-import re
-
-from .index import INDEX_FILE, Index
+from ..layouts import INDEX_FILE, Index
 
 DEFAULT_LICENSE = "apache-2.0"
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
-_LICENSE = re.compile(r"^license:\s*(\S.*?)\s*$", re.M)
 
 
 def license_from_readme(readme: str | None) -> str | None:
-    """The ``license:`` of a model card's YAML front matter, if it has one."""
-    if not readme:
-        return None
-    m = _FRONT_MATTER.match(readme)
-    if m is None:
-        return None
-    lic = _LICENSE.search(m.group(1))
-    return lic.group(1).strip("'\"") if lic else None
+    """The ``license`` of a model card's YAML metadata, if it has a readable one."""
+    from huggingface_hub import ModelCard
 
-
-def _yaml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid YAML scalar
+    if not readme or not readme.startswith("---"):  # no metadata block: nothing to read
+        return None
+    try:
+        lic = ModelCard(readme, ignore_metadata_errors=True).data.license
+    except Exception:  # malformed YAML: the card is the source's, not ours to refuse
+        return None
+    return lic if isinstance(lic, str) and lic else None
 
 
 def model_card(
@@ -34,29 +27,23 @@ def model_card(
     source_readme: str | None = None,
     hub_repo: str | None = None,
 ) -> str:
-    """README.md for a layout: Hub front matter, how to run it, and a summary of the layout.
+    """README.md for a layout: Hub metadata, how to run it, and a summary of the layout.
 
-    ``license`` wins; else the source card's front matter; else apache-2.0. ``hub_repo`` is the
+    ``license`` wins; else the source card's metadata; else apache-2.0. ``hub_repo`` is the
     repo the layout is published to (``flashmoe-publish``): the run instructions name it.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     src = index.source or {}
     repo_id, revision = src.get("repo_id"), src.get("revision")
-    lic = license or license_from_readme(source_readme) or DEFAULT_LICENSE
-    front = ["---"]
-    if repo_id:
-        front.append(f"base_model: {_yaml_str(repo_id)}")
-        front.append("base_model_relation: quantized")
-    front += [
-        f"license: {_yaml_str(lic)}",
-        "library_name: mlx",
-        "tags:",
-        "- mlx",
-        "- moe",
-        "- flashmoe",
-        f"- {_yaml_str(index.model_type)}",
-        "pipeline_tag: text-generation",
-        "---",
-    ]
+    data = ModelCardData(
+        base_model=repo_id or None,
+        base_model_relation="quantized" if repo_id else None,
+        license=license or license_from_readme(source_readme) or DEFAULT_LICENSE,
+        library_name="mlx",
+        tags=["mlx", "moe", "flashmoe", index.model_type],
+        pipeline_tag="text-generation",
+    )
     name = repo_id.split("/")[-1] if repo_id else index.model_type
     total = (
         sum(entry.size for entry in index.layers)
@@ -106,4 +93,4 @@ Each MoE layer is one file `experts/layer-NNN.bin`; expert `e` is the record at 
 `{INDEX_FILE}` describes everything and holds a sha256 checksum of every expert record and of every
 other file; `flashmoe-convert verify <dir>` checks them.
 """
-    return "\n".join(front) + "\n" + body
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

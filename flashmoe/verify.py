@@ -1,4 +1,5 @@
-"""Check an existing layout against its index: sizes, and the checksum of every record and file."""
+"""Check a layout against its index (FORMAT.md, "Verification"): sizes, the checksum of every
+record and file, zero padding. Used by ``flashmoe-convert verify``, publish and pull."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .index import Index, LayerFile, LayoutError, read_index, safe_relative_path
+from .layouts import Index, LayerFile, LayoutError, read_index, safe_relative_path
 
 _CHUNK = 8 * 1024 * 1024
 

@@ -1,4 +1,6 @@
-"""Helpers shared by ``flashmoe-publish`` and ``flashmoe-pull``: repo ids and one-line Hub errors."""
+"""Hugging Face Hub plumbing shared by the converter and the runtime: repo ids, one-line errors,
+progress bars. Transfers and retries are huggingface_hub's own (``snapshot_download``,
+``upload_folder``: resumable, with backoff)."""
 
 from __future__ import annotations
 
@@ -7,33 +9,38 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .index import LayoutError
+from .layouts import LayoutError
 
-_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
-_REPO_ID = re.compile(rf"{_PART}/{_PART}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 class HubError(LayoutError):
     """A Hub operation that failed; the message is one line."""
 
 
-def is_repo_id(s: str) -> bool:
-    """Whether ``s`` is a Hub model repo id of the form ``ORG/NAME``."""
-    return (
-        isinstance(s, str)
-        and _REPO_ID.fullmatch(s) is not None
-        and "--" not in s
-        and ".." not in s
-        and not s.endswith((".git", "."))
-    )
+def is_repo_id(s: object) -> bool:
+    """Whether ``s`` is a Hub model repo id ``ORG/NAME``: ASCII letters, digits, '-', '_' and '.',
+    each part starting with a letter or digit, and what ``huggingface_hub`` accepts (no '--' or
+    '..', no trailing '-' or '.', no '.git' suffix)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(s, str) or _REPO_ID.fullmatch(s) is None:
+        return False
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return True
 
 
 def check_repo_id(s: str) -> str:
     """Return ``s`` if it is a repo id, else raise HubError explaining the expected form."""
     if not is_repo_id(s):
         raise HubError(
-            f"invalid repo id {s!r}: expected ORG/NAME (letters, digits, '-', '_' and '.', "
-            "at most 96 characters each, no '--' or '..')"
+            f"invalid repo id {s!r}: expected ORG/NAME (letters, digits, '-', '_' and '.'; each "
+            "part 1-96 characters, starting with a letter or digit and not ending in '-' or '.'; "
+            "no '--', '..' or '.git' ending)"
         )
     return s
 
