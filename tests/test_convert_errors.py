@@ -392,6 +392,7 @@ def flip(path: Path, offset: int) -> None:
 
 
 def test_verify_names_layer_and_expert(damaged, capsys):
+    """[R22]"""
     assert main(["verify", str(damaged), "--quiet"]) == 0
     index = read_index(damaged)
     layer = index.layers[2]
@@ -402,6 +403,7 @@ def test_verify_names_layer_and_expert(damaged, capsys):
 
 
 def test_verify_padding_and_sizes(damaged, capsys):
+    """[R22] the padding, [R21] sizes."""
     index = read_index(damaged)
     assert index.record_size > index.expert_bytes
     layer = index.layers[1]
@@ -421,6 +423,7 @@ def test_verify_padding_and_sizes(damaged, capsys):
 
 
 def test_verify_dense_and_copied_files(damaged, capsys):
+    """[R23]"""
     flip(damaged / "model-dense.safetensors", 5000)
     assert cli(capsys, "verify", damaged, "--quiet").startswith(
         f"{damaged / 'model-dense.safetensors'}: sha256 mismatch"

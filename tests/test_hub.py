@@ -138,6 +138,7 @@ def test_dry_run_prints_plan_without_network(tiny_layout, tmp_path):
 
 
 def test_upload_to_branch(hub, tiny_layout):
+    """[R18]: a repo (branch) without the index is not a layout."""
     published(hub, tiny_layout, revision="v2")
     assert INDEX_FILE in hub.file_paths(REPO, "v2")
     assert INDEX_FILE not in hub.file_paths(REPO, "main")
@@ -223,6 +224,28 @@ def test_invalid_repo_id(hub, tiny_layout):
     assert is_repo_id("mlx-community/Qwen3.5-397B-A17B-4bit")
 
 
+@pytest.mark.parametrize("bad", ["org/a--b", "org/.hidden", "org/x.git", "org/x-", "org/_x"])
+def test_one_repo_id_rule_everywhere(tiny_layout, tmp_path, monkeypatch, capsys, bad):
+    """convert, publish, pull and load refuse the same ids, before touching the network."""
+    from flashmoe.convert import ConvertError, convert_checkpoint
+    from flashmoe.convert.cli import main as convert_main
+    from flashmoe.runtime import load
+
+    monkeypatch.chdir(tmp_path)  # no local directory of that name
+    assert not is_repo_id(bad)
+    with pytest.raises(ConvertError, match="not a Hugging Face repo id"):
+        convert_checkpoint(bad, tmp_path / "out", progress=False)
+    assert convert_main([str(tiny_layout), "-o", "out", "--upload-repo", bad, "--quiet"]) == 2
+    assert "invalid repo id" in capsys.readouterr().err
+    with pytest.raises(HubError, match="invalid repo id"):
+        publish(tiny_layout, bad, dry_run=True, progress=False, out=open(os.devnull, "w"))
+    with pytest.raises(HubError, match="invalid repo id"):
+        pull(bad, progress=False)
+    with pytest.raises(LayoutError, match="no such layout directory"):
+        load(bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_or_bad_token(hub, tiny_layout):
     env = {k: v for k, v in hub.env.items() if k != "HF_TOKEN"}
     r = run("flashmoe.convert.hub", tiny_layout, REPO, env=env)
@@ -301,6 +324,7 @@ def _put_layout(hub, layout_dir: Path, repo: str, index: dict | None = None, ext
 
 @pytest.mark.parametrize("bad", ["../../escape.bin", "/etc/hosts", "experts\\..\\..\\x.bin"])
 def test_path_traversal_index_is_refused(hub, tiny_layout, bad):
+    """[R16] through flashmoe-pull."""
     index = json.loads((tiny_layout / INDEX_FILE).read_text())
     index["layers"][0]["file"] = bad
     _put_layout(hub, tiny_layout, REPO, index)
@@ -309,6 +333,7 @@ def test_path_traversal_index_is_refused(hub, tiny_layout, bad):
 
 
 def test_symlink_out_of_layout_is_refused(tiny_layout, tmp_path):
+    """[R17]"""
     outside = tmp_path / "outside.bin"
     shutil.copy(tiny_layout / "experts/layer-001.bin", outside)
     (tiny_layout / "experts/layer-001.bin").unlink()
@@ -320,6 +345,7 @@ def test_symlink_out_of_layout_is_refused(tiny_layout, tmp_path):
 
 
 def test_cache_snapshot_symlinks_only_into_own_blobs(tmp_path):
+    """[R17]: the Hugging Face cache exception."""
     snap = tmp_path / "models--a--b" / "snapshots" / ("0" * 40)
     blobs = tmp_path / "models--a--b" / "blobs"
     snap.mkdir(parents=True)
@@ -331,6 +357,33 @@ def test_cache_snapshot_symlinks_only_into_own_blobs(tmp_path):
     (snap / "bad.bin").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(LayoutError, match="resolves outside"):
         safe_relative_path(snap, "bad.bin")
+
+
+def test_cache_snapshot_parsing(tmp_path):
+    """[R17]: which folders count as a Hugging Face cache snapshot (one parser for all users)."""
+    from flashmoe.layouts import blob_sha256, cache_snapshot
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    snap = tmp_path / "models--org--name" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    found = cache_snapshot(snap)
+    assert (found.repo_id, found.commit) == ("org/name", commit)
+    assert found.blobs == tmp_path.resolve() / "models--org--name" / "blobs"
+    (tmp_path / "link").symlink_to(snap)  # resolved through symlinks
+    assert cache_snapshot(tmp_path / "link") == found
+    for other in [
+        tmp_path / "models--org--name" / "snapshots" / "main",  # not a commit
+        tmp_path / "datasets--org--name" / "snapshots" / commit,  # not a model repo
+        tmp_path / "models--org--name" / "refs" / commit,
+        tmp_path,
+    ]:
+        other.mkdir(parents=True, exist_ok=True)
+        assert cache_snapshot(other) is None, other
+    blob = "ab" * 32
+    (snap / "w.safetensors").symlink_to(f"../../blobs/{blob}")
+    (snap / "config.json").symlink_to("../../blobs/" + "c" * 40)  # a git (not LFS) blob
+    assert blob_sha256(snap / "w.safetensors") == blob
+    assert blob_sha256(snap / "config.json") is None
 
 
 def test_pull_never_downloads_code(hub, tiny_layout):

@@ -48,6 +48,7 @@ def test_pull_fetches_only_listed_files(hub, tiny_layout):
 
 
 def test_pull_refuses_an_index_listing_a_file_without_checksum(hub, tiny_layout):
+    """[R18]"""
     index = json.loads((tiny_layout / INDEX_FILE).read_text())
     index["files"][0]["sha256"] = None
     put_layout(hub, tiny_layout, index=index)

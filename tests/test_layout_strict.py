@@ -29,6 +29,7 @@ def _set(key, value):
     return lambda d: d.__setitem__(key, value)
 
 
+# [R2] version, [R4] types, [R3] keys, [R14] config agreement
 @pytest.mark.parametrize(
     "edit, needle",
     [
@@ -44,7 +45,10 @@ def _set(key, value):
         (lambda d: d["config"].__setitem__("num_experts_per_tok", 3), "num_experts_per_tok 3"),
         (lambda d: d["config"].__setitem__("num_experts", 32), "config num_experts 32 disagrees"),
         (lambda d: d["config"].__setitem__("model_type", ["qwen3_moe"]), "config model_type"),
-        (lambda d: d["config"].__setitem__("text_config", [1]), "text_config must be a JSON object"),
+        (
+            lambda d: d["config"].__setitem__("text_config", [1]),
+            "text_config must be a JSON object",
+        ),
         (_set("model_type", ["qwen3_moe"]), "model_type a string"),
         (lambda d: d["files"][0].__setitem__("sha256", "x"), "sha256 must be 64 lowercase hex"),
         (
@@ -71,6 +75,7 @@ def test_index_values_of_the_wrong_type_or_meaning_are_refused(copy, edit, needl
     ],
 )
 def test_config_json_that_disagrees_with_the_index_is_refused(copy, edit, needle):
+    """[R15]"""
     edit_json(copy / "config.json", edit)
     with pytest.raises(LayoutError, match="config.json: differs from the config in") as info:
         load(str(copy), bank_experts=4)
@@ -105,6 +110,7 @@ def test_unlisted_files_are_not_used(copy):
 
 
 def test_missing_tokenizer_is_one_line(copy):
+    """[R19]"""
     edit_json(
         copy / INDEX_FILE,
         lambda d: d.__setitem__("files", [f for f in d["files"] if f["name"] != "tokenizer.json"]),
@@ -114,6 +120,7 @@ def test_missing_tokenizer_is_one_line(copy):
 
 
 def test_verify_checks_the_dense_file(copy):
+    """[R23] with load(verify=True)."""
     dense = copy / "model-dense.safetensors"
     data = bytearray(dense.read_bytes())
     data[-3] ^= 1  # a weight byte: loads fine, computes wrong

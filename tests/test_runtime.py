@@ -289,7 +289,7 @@ def test_cli_bad_inputs(layout, tmp_path):
     (bad / "flashmoe-index.json").write_text(json.dumps(index))
     _one_line_error(run_cli(bad), "version 99")
 
-    trunc = tmp_path / "truncated"
+    trunc = tmp_path / "truncated"  # [R19]: a layer file of the wrong size
     shutil.copytree(out, trunc)
     layer = trunc / index["layers"][1]["file"]
     with open(layer, "r+b") as f:
@@ -393,7 +393,7 @@ def test_failed_load_releases_the_reader(layout, tmp_path):
     shutil.copytree(out, copy)
     (copy / "model-dense.safetensors").unlink()
     threads = threading.active_count()
-    with pytest.raises(LayoutError, match="model-dense.safetensors: missing"):
+    with pytest.raises(LayoutError, match="model-dense.safetensors: missing"):  # [R19]
         load(str(copy), bank_experts=4, reader="python", io_threads=3)
     gc.collect()
     assert threading.active_count() == threads
