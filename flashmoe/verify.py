@@ -1,5 +1,6 @@
 """Check a layout against its index (FORMAT.md, "Verification"): sizes, the checksum of every
-record and file, zero padding. Used by ``flashmoe-convert verify``, publish and pull."""
+record and file, zero padding. Shared by the converter (verify, publish, reruns) and the runtime
+(pull, ``load(verify=True)``)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 INDEX_FILE = "flashmoe-index.json"
 DENSE_FILE = "model-dense.safetensors"
 EXPERTS_DIR = "experts"
-CARD_FILE = "README.md"  # the model card: not in the index, never read by a reader
+CARD_FILE = "README.md"  # the model card: not in the index; readers ignore it
 
 # Copied from the source when it has them, in this order, then any "*.tiktoken" (sorted).
 COPIED_FILES = (
