@@ -3,6 +3,7 @@ the dense file: each a one-line error naming the file, never a traceback or a wr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -128,3 +129,27 @@ def test_verify_checks_the_dense_file(copy):
     load(str(copy), bank_experts=4)  # unverified: loads
     with pytest.raises(LayoutError, match="model-dense.safetensors: sha256 mismatch"):
         load(str(copy), bank_experts=4, verify=True)
+
+
+def test_a_moe_layer_missing_from_the_index_is_refused(copy):
+    """[R20]"""
+    edit_json(copy / INDEX_FILE, lambda d: d["layers"].pop())
+    with pytest.raises(LayoutError, match=r"the model has MoE layers \[.*\] but the layout has"):
+        load(str(copy), bank_experts=4)
+
+
+def test_a_dense_file_with_an_extra_tensor_is_refused(copy):
+    """[R20]: mlx-lm loads the dense file strictly."""
+    import mlx.core as mx
+
+    dense = copy / "model-dense.safetensors"
+    weights = dict(mx.load(str(dense)))
+    weights["model.extra.weight"] = mx.zeros((4,))
+    dense.unlink()
+    mx.save_safetensors(str(dense), weights, metadata={"format": "mlx"})
+    data = dense.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    edit_json(copy / INDEX_FILE, lambda d: d["dense"].update(size=len(data), sha256=sha))
+    with pytest.raises(LayoutError, match="mlx-lm failed to build the model") as e:
+        load(str(copy), bank_experts=4)
+    assert "model.extra.weight" in str(e.value) and "\n" not in str(e.value)
