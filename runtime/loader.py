@@ -32,19 +32,7 @@ from ..layouts import (
 from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
 from .reader import make_reader
 from .store import ExpertStore
-from .streaming import StreamingSwitchGLU, link_next_layers
-
-
-@dataclass
-class Timing:
-    """Seconds accumulated by the streaming modules when timing is on (adds one sync per phase)."""
-
-    dense: float = 0.0
-    router: float = 0.0
-    compute: float = 0.0
-
-    def reset(self) -> None:
-        self.dense = self.router = self.compute = 0.0
+from .streaming import StreamingSwitchGLU, Timed, Timing, link_next_layers
 
 
 @dataclass
@@ -184,6 +172,10 @@ def _build_model(
     swapped for a streaming one at construction."""
     parents: list[tuple[nn.Module, int]] = []
 
+    def streaming(layer: int, glu: SwitchGLU) -> nn.Module:
+        module = StreamingSwitchGLU(layer, glu, store)
+        return module if timer is None else Timed(module, timer)
+
     def get_classes(config: dict):
         model_class, args_class = _get_classes(config)
 
@@ -192,11 +184,7 @@ def _build_model(
             # is ever evaluated.
             def __init__(self, args):
                 super().__init__(args)
-                parents.extend(
-                    _swap_switch_glus(
-                        self, lambda layer, glu: StreamingSwitchGLU(layer, glu, store, timer)
-                    )
-                )
+                parents.extend(_swap_switch_glus(self, streaming))
 
         StreamingModel.__name__ = model_class.__name__
         return StreamingModel, args_class

@@ -114,6 +114,15 @@ class Pending:
         self.part: list[tuple[int, int]] = []
         self.nbytes = 0
 
+    def slot_ids(self, experts: np.ndarray) -> mx.array:
+        """Slot ids of ``experts`` (any shape; hits at once, misses after ``wait``)."""
+        return self.bank.slot_ids(experts)
+
+    def computed(self, out: mx.array) -> None:
+        """Register ``out``, computed over the bank: no slot is written again before it has
+        been evaluated (the bank's ordering rule, enforced by ``request``'s fence)."""
+        self.bank.add_pending(out)
+
     def land(self) -> None:
         """Wait for the reads in flight and finish them (verify, device copies)."""
         batch, self.batch = self.batch, None
@@ -237,28 +246,57 @@ class ExpertStore:
             if size != entry.size:
                 raise ValueError(f"{path}: size {size} bytes, index says {entry.size} (truncated?)")
             self._paths[entry.layer] = str(path)
+        for entry in index.layers:  # every bank now, not in the first forward pass
+            self._allocate_bank(entry.layer)
 
     def bank(self, layer: int) -> ExpertBank:
-        """The bank of ``layer``, allocated on first use."""
-        bank = self.banks.get(layer)
-        if bank is None:
-            aligned = DIRECT_ALIGNMENT if self.direct else 0
-            bank = self.banks[layer] = ExpertBank(
-                self.slots,
-                self.components,
-                num_experts=self.index.num_experts,
-                policy=self._policy_factory,
-                page_aligned=aligned,
+        """The bank of ``layer`` (for inspection and benchmarks; the model goes through
+        ``lookup``/``request``)."""
+        return self.banks[layer]
+
+    def _allocate_bank(self, layer: int) -> None:
+        aligned = DIRECT_ALIGNMENT if self.direct else 0
+        bank = self.banks[layer] = ExpertBank(
+            self.slots,
+            self.components,
+            num_experts=self.index.num_experts,
+            policy=self._policy_factory,
+            page_aligned=aligned,
+        )
+        self._fds[layer] = open_for_reading(self._paths[layer], direct=self.direct)
+        if len(self.banks) == 1:
+            self._setup_residency(bank)
+        if self._cuda is not None:
+            self._bank_arrays[layer] = (
+                np.array([cuda.address(v) for v in bank.slot_buffers(0)], dtype=np.uint64),
+                np.array(bank.slot_nbytes, dtype=np.uint64),
             )
-            self._fds[layer] = open_for_reading(self._paths[layer], direct=self.direct)
-            if len(self.banks) == 1:
-                self._setup_residency(bank)
-            if self._cuda is not None:
-                self._bank_arrays[layer] = (
-                    np.array([cuda.address(v) for v in bank.slot_buffers(0)], dtype=np.uint64),
-                    np.array(bank.slot_nbytes, dtype=np.uint64),
-                )
-        return bank
+
+    def arrays(self, layer: int) -> dict[str, mx.array]:
+        """``layer``'s bank arrays by component name (``[slots, ...]`` each): what the model's
+        expert projections compute over, with slot ids."""
+        bank = self.banks[layer]
+        return {c.name: a for c, a in zip(self.index.components, bank.arrays, strict=True)}
+
+    def lookup(self, layer: int, indices: mx.array) -> mx.array | None:
+        """Slot ids for ``indices`` without a sync, or None when the router must be synced.
+
+        Only for one token whose every expert is resident for good (a complete bank, which is
+        never written again) and no routing trace: MLX then keeps pipelining the decode step.
+        Its ``k`` distinct experts are all hits, so the counters stay exact.
+        """
+        bank = self.banks[layer]
+        if self.trace is not None or not bank.complete or indices.size != indices.shape[-1]:
+            return None
+        self.stats.calls += 1
+        self.stats.hits += indices.shape[-1]
+        return bank.device_table()[indices]
+
+    def record(self, layer: int, routed: np.ndarray) -> None:
+        """Add ``routed`` (tokens x k ids) to the routing trace, if one is being written; a hit
+        is an expert resident (or being read ahead) before this call."""
+        if self.trace is not None:
+            self.trace.record(layer, routed, self.banks[layer].table[routed] >= 0)
 
     def _policy_factory(self):
         from ..metal.policies import make_policy
@@ -313,7 +351,7 @@ class ExpertStore:
         misses are in their slots too. Read-ahead for ``layer`` is waited for only where it
         holds experts asked for here; the rest keeps landing in the background.
         """
-        bank = self.bank(layer)
+        bank = self.banks[layer]
         t0 = time.perf_counter()
         self.land_open()
         needed = set(experts)
@@ -387,7 +425,7 @@ class ExpertStore:
         area = None
         if self._staging is not None:
             area = self._free_ahead_area()
-        bank = self.bank(layer)
+        bank = self.banks[layer]
         bank.fence()
         guess = list(experts)[: max(1, self.slots // 2)]
         _, misses = bank.assign(guess)

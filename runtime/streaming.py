@@ -2,45 +2,46 @@
 
 The module keeps the model's own ``SwitchGLU`` (so its activation and its ``__call__`` - the
 gather/sort logic - are mlx-lm's, not a copy) and points that SwitchGLU's three projections at the
-bank's arrays. Per call: one sync to read the routed expert ids, one ``ExpertStore.ensure`` per
-group of tokens, then mlx-lm's SwitchGLU over the bank with slot ids. Tokens are processed
-expert-major: the union of the experts routed by all tokens (and all batch rows) is read once; when
-the union does not fit in the bank, the tokens are split into groups whose unions fit.
+layer's bank arrays (``ExpertStore.arrays``, by component name). Per call, data flows one way,
+streaming -> store -> (bank, reader): sync the router ids, ask the store for those experts
+resident (``ExpertStore.request``), then run mlx-lm's SwitchGLU over the bank with the slot ids
+the store hands back. Tokens are processed expert-major: the union of the experts routed by all
+tokens (and all batch rows) is read once; when the union does not fit in the bank, the tokens
+are split into groups whose unions fit.
 
 Per MoE layer and decode token: 1 sync (the router ids; none once every expert is resident),
-``misses x split`` preadv calls in the native pool (one batch, one wait, GIL released), 0 copies
-(reads land in the bank), 0 expert arrays built. With read-ahead (``--prefetch``) the same sync
-also evaluates the next layer's router on this layer's input, and one more batch (the guessed
-misses of the next layer) is submitted without waiting. With a routing trace, every call syncs
-(a complete bank loses its no-sync path) and records ``tokens x k`` ids into a buffer.
+``misses x split`` preadv calls in the native pool (one batch, GIL released), 0 copies (reads
+land in the bank), 0 expert arrays built. With misses and hits, the hits are computed while the
+misses are read (``hits_first``). With read-ahead (``--prefetch``) the same sync also evaluates
+the next layer's router on this layer's input, and one more batch (the guessed misses of the
+next layer) is submitted without waiting. With a routing trace, every call syncs.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
-from ..layouts import Index
-from ..metal.bank import ExpertBank
-from .store import ExpertStore
+from .store import ExpertStore, Pending
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _bank_linear(
-    weight: mx.array, scales: mx.array, biases: mx.array, comp
-) -> QuantizedSwitchLinear:
+def _bank_linear(arrays: dict[str, mx.array], proj: str, comp) -> QuantizedSwitchLinear:
     """A QuantizedSwitchLinear over existing bank arrays (its __init__ would draw random weights)."""
     layer = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
     nn.Module.__init__(layer)
     layer.group_size = comp.group_size
     layer.bits = comp.bits
     layer.mode = comp.mode
-    layer.weight = weight
-    layer.scales = scales
-    layer.biases = biases
+    layer.weight = arrays[f"{proj}.weight"]
+    layer.scales = arrays[f"{proj}.scales"]
+    layer.biases = arrays.get(f"{proj}.biases")
     layer.global_scale = None
     layer.freeze()
     return layer
@@ -71,59 +72,39 @@ def link_next_layers(parents: list[tuple[nn.Module, int]]) -> None:
     ordered = sorted(parents, key=lambda p: p[1])
     for (block, _), (after, layer) in zip(ordered, ordered[1:], strict=False):
         gate, top_k = getattr(after, "gate", None), getattr(after, "top_k", None)
-        stream = next(
-            (m for m in block.children().values() if isinstance(m, StreamingSwitchGLU)), None
-        )
+        found = [streaming_of(m) for m in block.children().values()]
+        stream = next((m for m in found if m is not None), None)
         if stream is not None and callable(gate) and isinstance(top_k, int):
             stream.next_layer = NextLayer(layer, gate, top_k)
+
+
+def streaming_of(module) -> StreamingSwitchGLU | None:
+    """The streaming module itself, or the one a ``Timed`` wrapper holds; else None."""
+    if isinstance(module, Timed):
+        module = module.inner
+    return module if isinstance(module, StreamingSwitchGLU) else None
 
 
 class StreamingSwitchGLU(nn.Module):
     """Drop-in replacement for one MoE layer's ``SwitchGLU``; it owns no parameters."""
 
-    def __init__(self, layer: int, original: SwitchGLU, store: ExpertStore, timing=None):
+    def __init__(self, layer: int, original: SwitchGLU, store: ExpertStore):
         super().__init__()
         self.layer = layer
         self._store = store
+        arrays = store.arrays(layer)
+        for proj in PROJECTIONS:
+            comp = store.index.component(f"{proj}.weight")
+            setattr(original, proj, _bank_linear(arrays, proj, comp))
         self._original = _Compute(original)
-        self._bound_bank: ExpertBank | None = None
-        self._timing = timing
         self.next_layer: NextLayer | None = None
 
-    def _glu(self, bank: ExpertBank) -> SwitchGLU:
-        if self._bound_bank is not bank:
-            glu = self._original.glu
-            idx: Index = self._store.index
-            a = bank.arrays
-            for p, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
-                comp = idx.component(f"{proj}.weight")
-                setattr(glu, proj, _bank_linear(a[3 * p], a[3 * p + 1], a[3 * p + 2], comp))
-            self._bound_bank = bank
-        return self._original.glu
-
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        t = self._timing
         store = self._store
-        bank = store.banks.get(self.layer)
-        if (
-            t is None
-            and store.trace is None
-            and bank is not None
-            and bank.complete
-            and indices.size == indices.shape[-1]
-        ):
-            # One token and every expert resident (nothing will be written again): map ids to
-            # slots lazily, with no router sync, so MLX keeps pipelining the decode step. Its k
-            # distinct experts are all hits, so the statistics stay exact.
-            store.stats.calls += 1
-            store.stats.hits += indices.shape[-1]
-            return self._glu(bank)(x, bank.device_table()[indices])
-        t0 = time.perf_counter()
-        if t is not None:
-            mx.eval(x)
-            t1 = time.perf_counter()
-            t.dense += t1 - t0
-            t0 = t1
+        glu = self._original.glu
+        slots = store.lookup(self.layer, indices)
+        if slots is not None:  # every expert resident for good: no router sync
+            return glu(x, slots)
         nxt = self.next_layer
         guess = None
         if nxt is not None and store.prefetch_wanted(nxt.top_k):
@@ -131,12 +112,8 @@ class StreamingSwitchGLU(nn.Module):
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
             mx.eval(indices, guess)
         experts = np.array(indices)  # the router sync
-        if t is not None:
-            t.router += time.perf_counter() - t0
-        k = experts.shape[-1]
-        flat = experts.reshape(-1, k)
-        if store.trace is not None:  # hit = resident (or being read ahead) before this call
-            store.trace.record(self.layer, flat, store.bank(self.layer).table[flat] >= 0)
+        flat = experts.reshape(-1, experts.shape[-1])
+        store.record(self.layer, flat)
         unique = np.unique(flat)
         if unique.size <= store.slots:
             out = self._compute(x, experts, unique)
@@ -145,46 +122,37 @@ class StreamingSwitchGLU(nn.Module):
         if guess is not None:
             # read ahead while this layer computes (MLX runs it at the next sync)
             store.prefetch(nxt.layer, np.unique(np.array(guess)).tolist())
-        if t is not None:
-            t2 = time.perf_counter()
-            mx.eval(out)
-            t.compute += time.perf_counter() - t2
         return out
 
     def _compute(self, x: mx.array, experts: np.ndarray, unique: np.ndarray) -> mx.array:
         store = self._store
         pending = store.request(self.layer, unique.tolist())
-        bank = pending.bank
-        glu = self._glu(bank)
-        if (
-            pending.misses
-            and pending.hits
-            and store.hits_first
-            and experts.size == experts.shape[-1]
-        ):
-            out = self._hits_first(x, experts, pending, glu)
+        glu = self._original.glu
+        one_token = experts.size == experts.shape[-1]
+        if pending.misses and pending.hits and store.hits_first and one_token:
+            out = self._hits_first(x, experts, pending)
         else:
             pending.wait()
-            out = glu(x, bank.slot_ids(experts))
-        bank.add_pending(out)
+            out = glu(x, pending.slot_ids(experts))
+        pending.computed(out)
         return out
 
-    def _hits_first(self, x: mx.array, experts: np.ndarray, pending, glu) -> mx.array:
+    def _hits_first(self, x: mx.array, experts: np.ndarray, pending: Pending) -> mx.array:
         """One token: compute its resident experts while the misses are read, then the misses.
 
         Each routed expert's row of the SwitchGLU output depends on that expert alone, so the
         two partial outputs, put back in routing order, are the rows mlx-lm computes; the
         block's weighted sum then runs over them as usual (bit-identical).
         """
-        bank = pending.bank
+        glu = self._original.glu
         row = experts.reshape(-1)
         missed = np.isin(row, [e for e, _ in pending.misses])
         hit_pos, miss_pos = np.flatnonzero(~missed), np.flatnonzero(missed)
         lead = experts.shape[:-1]
-        out_hits = glu(x, bank.slot_ids(row[hit_pos].reshape(*lead, -1)))
+        out_hits = glu(x, pending.slot_ids(row[hit_pos].reshape(*lead, -1)))
         mx.async_eval(out_hits)
         pending.wait()
-        out_misses = glu(x, bank.slot_ids(row[miss_pos].reshape(*lead, -1)))
+        out_misses = glu(x, pending.slot_ids(row[miss_pos].reshape(*lead, -1)))
         order = np.argsort(np.concatenate([hit_pos, miss_pos])).astype(np.uint32)
         both = mx.concatenate([out_hits, out_misses], axis=-2)
         return mx.take(both, mx.array(order), axis=-2)
@@ -214,10 +182,49 @@ class StreamingSwitchGLU(nn.Module):
         outs = []
         for rows, ids in groups:
             take = mx.array(np.array(rows, dtype=np.uint32))
-            # The next group may overwrite slots this group reads: ``ensure`` fences the bank
-            # (evaluates this group's output) before it writes (see the bank's ordering rule).
+            # a later group may overwrite slots this one reads: the store evaluates it first
             outs.append(self._compute(xs[take], flat[rows], np.array(sorted(ids))))
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         out = mx.concatenate(outs, axis=0)[mx.array(inverse.astype(np.uint32))]
         return out.reshape(*lead, *out.shape[1:])
+
+
+@dataclass
+class Timing:
+    """Seconds per phase, accumulated by ``Timed`` wrappers (``load(timing=True)``)."""
+
+    dense: float = 0.0
+    router: float = 0.0
+    compute: float = 0.0
+
+    def reset(self) -> None:
+        self.dense = self.router = self.compute = 0.0
+
+
+class Timed(nn.Module):
+    """Wraps a streaming module to time its phases; adds two syncs per call.
+
+    dense: evaluating the layer input (everything before this MoE block's experts); router: the
+    call itself minus the exposed expert I/O (router sync, bookkeeping, graph building);
+    compute: evaluating the output.
+    """
+
+    def __init__(self, inner: StreamingSwitchGLU, timing: Timing):
+        super().__init__()
+        self.inner = inner
+        self._timing = timing
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        t, stats = self._timing, self.inner._store.stats
+        t0 = time.perf_counter()
+        mx.eval(x)
+        t1 = time.perf_counter()
+        io = stats.io_seconds
+        out = self.inner(x, indices)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t.dense += t1 - t0
+        t.router += (t2 - t1) - (stats.io_seconds - io)
+        t.compute += time.perf_counter() - t2
+        return out
