@@ -55,7 +55,7 @@ def _prompt(i: int) -> str:
 
 
 def tiny_layout(root: Path, family: str) -> Path:
-    from flashmoe.bench.checkpoints import make_checkpoint
+    from flashmoe.fixtures import make_checkpoint
     from flashmoe.convert import convert_checkpoint
 
     src = make_checkpoint(root / "ckpt", family)

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx_lm.utils as lm_utils
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .checkpoints import write_tokenizer
+from ..fixtures import write_tokenizer
 from .routing import PROFILES, RoutingDesign
 
 GEOMETRY = {

@@ -1,6 +1,6 @@
 """``flashmoe-run --demo``: build a small random-weight MoE checkpoint, convert it, stream it.
 
-No network: the checkpoint is written by mlx-lm's own classes (``flashmoe.bench.checkpoints``), the
+No network: the checkpoint is written by mlx-lm's own classes (``flashmoe.fixtures``), the
 conversion runs ``flashmoe-convert`` in a subprocess, and the generation streams experts through a
 bank holding half of each layer's experts. It ends by checking the tokens against stock mlx-lm.
 """
@@ -22,7 +22,7 @@ def demo_dir() -> Path:
 
 def build_demo(root: Path) -> tuple[Path, Path]:
     """The demo's source checkpoint and layout under ``root`` (built once, then reused)."""
-    from ..bench.checkpoints import make_checkpoint
+    from ..fixtures import make_checkpoint
 
     src, layout = root / "checkpoint", root / "layout"
     if not (src / "config.json").exists():

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """``checkpoint(family="qwen3_5_moe", **opts) -> Path``: a cached tiny checkpoint (see make_checkpoint)."""
-    from flashmoe.bench.checkpoints import make_checkpoint
+    from flashmoe.fixtures import make_checkpoint
 
     cache: dict[str, object] = {}
 

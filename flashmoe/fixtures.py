@@ -1,4 +1,7 @@
-"""Write MoE checkpoints exactly as ``mlx_lm.convert`` does, for tests and benchmarks.
+"""Test and demo fixtures: MoE checkpoints written exactly as ``mlx_lm.convert`` does.
+
+Used by ``flashmoe-run --demo``, the tests and the benchmarks (product code may import this module,
+never the benchmarks).
 
 mlx-lm's own model classes with their random init, cast to the target dtype through the model's
 ``cast_predicate``, quantized by ``mlx_lm.utils.quantize_model`` (the model's ``quant_predicate``),
