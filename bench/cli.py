@@ -1,4 +1,8 @@
-"""``flashmoe-bench``: benchmark subcommands (``io``; others add theirs with ``add_parser``)."""
+"""``flashmoe-bench``: the user-facing measurements (one subcommand each).
+
+One-off experiments, their results and the reader-vs-fio study live in the repository's unpackaged
+``benchmarks/`` folder (see its README).
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flashmoe-bench", description="flashmoe benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from . import io_bench
-
-    io = sub.add_parser(
-        "io", help="expert-read throughput: native/Python readers vs fio and memcpy"
-    )
-    io_bench.add_arguments(io)
-    io.set_defaults(func=io_bench.run)
-
-    from . import dense_load, gpu_bench, policy, ppl, runtime_bench, sweep, synth
+    from . import gpu_bench, policy, ppl, runtime_bench, sweep, synth
 
     for name, module, text in (
         ("synth", synth, "synthetic checkpoint with real Qwen3.5 layer geometry, then converted"),
         ("sweep", sweep, "decode tok/s and expert I/O across cache-io-split (cold/warm, capped)"),
         ("runtime", runtime_bench, "flashmoe vs stock mlx-lm: full bank, 25%% bank, peak RSS"),
         ("gpu", gpu_bench, "stock mlx-lm and flashmoe in one process (GPU leases): banks x modes"),
-        ("dense", dense_load, "cold load of the dense weights: time, peak RSS, page cache held"),
         ("ppl", ppl, "perplexity with flashmoe and mlx-lm (must agree) and at reduced k"),
         (
             "policy",

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true", help="also run cold (--direct-io) rows")
     p.add_argument("--timing", action="store_true", help="add per-phase timing (extra pass)")
     p.add_argument("--repeat", type=int, default=1, help="decode passes per row (median)")
-    p.add_argument("--json", help="output JSON (default bench/out/gpu-<time>.json)")
+    p.add_argument("--json", help="output JSON (default flashmoe-bench-out/gpu-<time>.json)")
 
 
 def _banks(spec: str, num_experts: int, top_k: int) -> list[int]:

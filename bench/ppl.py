@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=256, help="tokens per forward pass")
     p.add_argument("--bank-experts", type=int, default=None, help="flashmoe bank (default: all)")
     p.add_argument("--no-mlx-lm", action="store_true", help="flashmoe only (no agreement check)")
-    p.add_argument("--json", help="output JSON (default bench/out/ppl-<time>.json)")
+    p.add_argument("--json", help="output JSON (default flashmoe-bench-out/ppl-<time>.json)")
     p.add_argument("--timeout", type=float, default=3600)
 
 

@@ -43,11 +43,14 @@ def command_line() -> str:
     return "flashmoe-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+OUT_DIR = Path("flashmoe-bench-out")  # in the working directory, never inside the package
+
+
 def output_path(arg: str | None, kind: str) -> Path:
-    """``--json`` or ``bench/out/<kind>-<time>.json``."""
+    """``--json`` or ``flashmoe-bench-out/<kind>-<time>.json``."""
     if arg:
         return Path(arg)
-    return Path(__file__).parent / "out" / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json")
+    return OUT_DIR / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json")
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-io-split", type=int, default=1)
     p.add_argument("--io-threads", type=int, default=8)
     p.add_argument("--reader", choices=("auto", "native", "python"), default="auto")
-    p.add_argument("--json", help="output JSON (default bench/out/runtime-<time>.json)")
+    p.add_argument("--json", help="output JSON (default flashmoe-bench-out/runtime-<time>.json)")
     p.add_argument("--timeout", type=float, default=3600)
 
 

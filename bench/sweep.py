@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mlx-lm", action="store_true", help="skip stock mlx-lm")
     p.add_argument("--llama-bench", metavar="PATH", help="llama-bench binary (with --gguf)")
     p.add_argument("--gguf", metavar="PATH", help="GGUF of the same model for --llama-bench")
-    p.add_argument("--json", help="output JSON (default bench/out/sweep-<time>.json)")
+    p.add_argument("--json", help="output JSON (default flashmoe-bench-out/sweep-<time>.json)")
     p.add_argument("--plot", help="PNG plot path (default: next to the JSON; needs matplotlib)")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")

@@ -357,7 +357,7 @@ def convert_checkpoint(
         "files": _source_files(source, ckpt, aux),
     }
     fingerprint = _fingerprint(source, ckpt, aux, alignment)
-    # bench/convert_bench.py on 2 cores: 2 writers were as fast as or faster than 3 or 4.
+    # benchmarks/convert_bench.py on 2 cores: 2 writers were as fast as or faster than 3 or 4.
     workers = workers or min(4, os.cpu_count() or 2)
 
     try:

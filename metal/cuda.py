@@ -6,7 +6,7 @@ first faults those pages back to the host: a miss is paid two or three times. Th
 miss cost its bytes: the reader fills pinned host *staging* memory, and the driver copies each
 record's nine tensors to the slot (already device-resident) with one asynchronous DMA per
 component (``cuMemcpyHtoDAsync``), then one stream sync. The host never touches a slot's pages.
-The alternative measured in ``bench/RESULTS.md`` (``prefetch``: ``preadv`` into the slot, then
+The alternative measured in ``benchmarks/RESULTS.md`` (``prefetch``: ``preadv`` into the slot, then
 ``cuMemPrefetchAsync`` of the written ranges) keeps the fault-back on recycled slots.
 
 Nothing here is imported on Metal or the CPU backend: ``detect()`` returns None there, and also

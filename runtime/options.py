@@ -63,7 +63,7 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         "--bank-policy",
         choices=("lru", "lfu", "lfuda"),
         default="lru",
-        help="which resident expert a miss evicts (default lru; bench/RESULTS.md compares them)",
+        help="which resident expert a miss evicts (default lru; benchmarks/RESULTS.md compares them)",
     )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
     s.add_argument(

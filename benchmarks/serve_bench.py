@@ -1,6 +1,6 @@
 """Concurrent load on a real ``flashmoe-serve`` over loopback: requests/s, tokens/s, latency, bank.
 
-    python -m flashmoe.bench.serve_bench [LAYOUT] [--clients 1,2,4] [--requests 8] [--max-tokens 32]
+    python benchmarks/serve_bench.py [LAYOUT] [--clients 1,2,4] [--requests 8] [--max-tokens 32]
         [--serve-args '--bank-experts 6']
 
 Without LAYOUT a tiny random-weight checkpoint is built and converted in a temporary directory,
@@ -55,8 +55,9 @@ def _prompt(i: int) -> str:
 
 
 def tiny_layout(root: Path, family: str) -> Path:
-    from flashmoe.fixtures import make_checkpoint
     from flashmoe.convert import convert_checkpoint
+
+    from flashmoe.fixtures import make_checkpoint
 
     src = make_checkpoint(root / "ckpt", family)
     out = root / "layout"

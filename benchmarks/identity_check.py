@@ -2,9 +2,9 @@
 
 Prefill logits of a fixed prompt and greedy tokens, for each (bank size, split) pair:
 
-    python -m flashmoe.bench.identity_check SRC LAYOUT [--banks 10,64] [--splits 4,1] [--tokens 6]
+    python benchmarks/identity_check.py SRC LAYOUT [--banks 10,64] [--splits 4,1] [--tokens 6]
 
-Exits 1 unless every run is identical. Used on the real Qwen3.5-397B layer geometry (bench/RESULTS.md).
+Exits 1 unless every run is identical. Used on the real Qwen3.5-397B layer geometry (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import time
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-
-from ..runtime import load
+from flashmoe.runtime import load
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flashmoe.bench.identity_check")
+    p = argparse.ArgumentParser(prog="python benchmarks/identity_check.py")
     p.add_argument("src", help="the source checkpoint (mlx-community format)")
     p.add_argument("layout", help="its flashmoe layout")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""``flashmoe-bench dense LAYOUT``: what loading the dense (non-expert) weights costs, cold.
+"""``python benchmarks/dense_load.py LAYOUT``: what loading the dense (non-expert) weights costs, cold.
 
 Each measurement is a fresh process with the layout's page cache dropped: ``load()`` then one
 token. Reported: load seconds, time to the first token, peak RSS, and how much of
@@ -14,8 +14,15 @@ import json
 import subprocess
 import sys
 
-from . import pagecache
-from .report import command_line, open_layout, output_path, table, write_json
+from flashmoe.bench import pagecache
+from flashmoe.bench.report import (
+    BenchError,
+    command_line,
+    open_layout,
+    output_path,
+    table,
+    write_json,
+)
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -37,7 +44,7 @@ print(json.dumps(dict(load_s=t1 - t0, first_token_s=t2 - t0, dense_bytes=size,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("layout", help="flashmoe layout directory")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", help="output JSON (default bench/out/dense-<time>.json)")
+    p.add_argument("--json", help="output JSON (default flashmoe-bench-out/dense-<time>.json)")
 
 
 def run(args) -> int:
@@ -76,3 +83,18 @@ def run(args) -> int:
     write_json(path, {"command": command_line(), "layout": str(root), "rows": results})
     print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/dense_load.py", description=__doc__.splitlines()[0]
+    )
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except BenchError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

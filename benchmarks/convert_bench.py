@@ -7,7 +7,7 @@ memory). Then, with the page cache dropped before each run: `cp` of the shards (
 converter fsyncs), and the conversion in a fresh process (its peak RSS from /proc). Prints a table
 and writes JSON.
 
-    python bench/convert_bench.py --dir /work/bench-tmp --layers 10 --json bench/out/convert.json
+    python benchmarks/convert_bench.py --dir /work/bench-tmp --layers 10 --json benchmarks/out/convert.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``flashmoe-bench io``: expert-read throughput of the native and Python readers vs fio and memcpy.
+"""``python benchmarks/io_bench.py``: expert-read throughput of the native and Python readers vs fio and memcpy.
 
 A synthetic layer file (>= 8 GB) is read like the runtime reads it: per step, K experts at random record
 offsets, each split into ``n`` chunks by the layout's split plan, all chunks one batch, one wait.
@@ -357,7 +357,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip", nargs="*", default=[], choices=["cold", "warm", "overhead", "gil", "direct"]
     )
-    p.add_argument("--json", help="output JSON path (default bench/out/io-<time>.json)")
+    p.add_argument("--json", help="output JSON path (default benchmarks/out/io-<time>.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     path, size = args.file, args.size
     fd = open_for_reading(path)
     result: dict = {
-        "command": "flashmoe-bench io " + " ".join(sys.argv[2:]),
+        "command": "python benchmarks/io_bench.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "file": path,
         "size": size,
@@ -540,7 +540,9 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flashmoe-bench io", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/io_bench.py", description=__doc__.splitlines()[0]
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 

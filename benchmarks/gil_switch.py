@@ -3,7 +3,7 @@
 Warm 35B-sized expert reads (K=8 x 1,769,472 B, split 4, native reader, 2 threads), one step at a
 time, quiet vs with a pure-Python spinning thread, for several switch intervals.
 
-    python -m flashmoe.bench.gil_switch [FILE]
+    python benchmarks/gil_switch.py [FILE]
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import threading
 import time
 
 import numpy as np
-
-from ..layouts.plan import split_plan
-from ..runtime.reader import ReadRequest, make_reader, open_for_reading, split_buffers
+from flashmoe.layouts.plan import split_plan
+from flashmoe.runtime.reader import ReadRequest, make_reader, open_for_reading, split_buffers
 
 EXPERT, EXPERTS, K = 1_769_472, 256, 8
 
