@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import command
 
+
+@command("flashmoe-bench")
 def main(argv: list[str] | None = None) -> int:
+    """``flashmoe-bench``; exit codes as every flashmoe command (``flashmoe.cli``)."""
     p = argparse.ArgumentParser(prog="flashmoe-bench", description="flashmoe benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -32,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.set_defaults(func=module.run)
 
     args = p.parse_args(argv)
-    from .report import BenchError
-
-    try:
-        return args.func(args)
-    except BenchError as e:
-        p.exit(2, f"flashmoe-bench: error: {e}\n")
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ DEFAULT_PROMPT = (
 )
 
 
-class BenchError(Exception):
-    """A user-facing error: printed as one line ``flashmoe-bench: error: ...``."""
+class BenchError(ValueError):
+    """A user-facing error: printed as one line ``flashmoe-bench: error: ...`` (``flashmoe.cli``)."""
 
 
 def int_list(text: str) -> list[int]:

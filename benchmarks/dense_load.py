@@ -16,13 +16,14 @@ import sys
 
 from flashmoe.bench import pagecache
 from flashmoe.bench.report import (
-    BenchError,
     command_line,
     open_layout,
     output_path,
     table,
     write_json,
 )
+
+from flashmoe.cli import command
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -85,15 +86,13 @@ def run(args) -> int:
     return 0
 
 
+@command("python benchmarks/dense_load.py")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python benchmarks/dense_load.py", description=__doc__.splitlines()[0]
     )
     add_arguments(p)
-    try:
-        return run(p.parse_args(argv))
-    except BenchError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

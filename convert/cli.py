@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..hubio import error_line
-from ..layouts import DEFAULT_ALIGNMENT, LayoutError
+from ..cli import run_command
+from ..layouts import DEFAULT_ALIGNMENT
 
 PROG = "flashmoe-convert"
 
@@ -69,64 +69,57 @@ def build_verify_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+def _verify(argv: list[str]) -> int:
+    args = build_verify_parser().parse_args(argv)
+    from ..verify import verify_layout
+
+    index = verify_layout(args.out, checksums=not args.sizes_only, progress=not args.quiet)
+    what = "sizes" if args.sizes_only else "sizes and checksums"
+    print(f"{args.out}: OK ({len(index.layers)} layers x {index.num_experts} experts, {what})")
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers: must be >= 1")
+    if args.upload_repo:
+        from ..hubio import check_repo_id
+
+        check_repo_id(args.upload_repo)  # fail before converting, not after
+    from . import convert_checkpoint
+
+    index = convert_checkpoint(
+        args.src,
+        args.out,
+        alignment=args.alignment,
+        workers=args.workers,
+        verify=args.verify,
+        progress=not args.quiet,
+        revision=args.revision,
+    )
+    if not args.quiet:
+        print(f"{args.out}: {len(index.layers)} MoE layers x {index.num_experts} experts written")
+    if args.upload_repo:
+        from .hub import publish
+
+        publish(
+            args.out,
+            args.upload_repo,
+            private=args.private,
+            revision=args.upload_revision,
+            commit_message=args.commit_message,
+            progress=not args.quiet,
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``flashmoe-convert``; exit codes as every flashmoe command (``flashmoe.cli``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["verify"]:
-            args = build_verify_parser().parse_args(argv[1:])
-            from ..verify import verify_layout
-
-            index = verify_layout(args.out, checksums=not args.sizes_only, progress=not args.quiet)
-            what = "sizes" if args.sizes_only else "sizes and checksums"
-            print(
-                f"{args.out}: OK ({len(index.layers)} layers x {index.num_experts} experts, {what})"
-            )
-            return 0
-        args = build_parser().parse_args(argv)
-        if args.workers is not None and args.workers < 1:
-            return _fail("--workers: must be >= 1")
-        if args.upload_repo:
-            from ..hubio import check_repo_id
-
-            check_repo_id(args.upload_repo)  # fail before converting, not after
-        from . import convert_checkpoint
-
-        index = convert_checkpoint(
-            args.src,
-            args.out,
-            alignment=args.alignment,
-            workers=args.workers,
-            verify=args.verify,
-            progress=not args.quiet,
-            revision=args.revision,
-        )
-        if not args.quiet:
-            print(
-                f"{args.out}: {len(index.layers)} MoE layers x {index.num_experts} experts written"
-            )
-        if args.upload_repo:
-            from .hub import publish
-
-            publish(
-                args.out,
-                args.upload_repo,
-                private=args.private,
-                revision=args.upload_revision,
-                commit_message=args.commit_message,
-                progress=not args.quiet,
-            )
-        return 0
-    except (ValueError, LayoutError) as e:  # ConvertError and LayoutError are ValueErrors
-        return _fail(error_line(e))
-    except OSError as e:
-        return _fail(f"{e.filename or '?'}: {e.strerror or e}")
-    except KeyboardInterrupt:
-        return _fail("interrupted (rerun the same command to resume)")
+    if argv[:1] == ["verify"]:
+        return run_command(PROG, lambda: _verify(argv[1:]))
+    return run_command(PROG, lambda: _convert(argv), resumable=True)
 
 
 if __name__ == "__main__":

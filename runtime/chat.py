@@ -16,7 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .options import add_runtime_options, check_prompt_length, error_line, load_options
+from ..cli import command, error_line, is_user_error
+from .options import add_runtime_options, check_prompt_length, load_options
 
 PROG = "flashmoe-chat"
 HELP = "commands: /reset (new conversation)  /stats  /help  /quit;  Ctrl-C stops an answer"
@@ -333,7 +334,9 @@ def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
         else:
             try:
                 session.reply(text, out, style)
-            except (OSError, ValueError, RuntimeError) as e:
+            except Exception as e:
+                if not is_user_error(e):
+                    raise  # a bug: the wrapper reports it (FLASHMOE_DEBUG=1 for the traceback)
                 print(
                     f"{PROG}: error: {error_line(e)} (that turn was dropped; the conversation "
                     "is kept)",
@@ -342,34 +345,27 @@ def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
                 )
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """``flashmoe-chat``; exit codes as every flashmoe command (``flashmoe.cli``)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.max_tokens < 1:
-            raise ValueError("--max-tokens must be at least 1")
-        from .loader import load
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    from .loader import load
 
-        model, tokenizer = load(args.model, **load_options(args), quiet=False)
-        if args.seed is not None:
-            import mlx.core as mx
+    model, tokenizer = load(args.model, **load_options(args), quiet=False)
+    if args.seed is not None:
+        import mlx.core as mx
 
-            mx.random.seed(args.seed)
-        session = ChatSession(model, tokenizer, args)
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
+        mx.random.seed(args.seed)
+    session = ChatSession(model, tokenizer, args)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(f"{PROG}: {args.model}", flush=True)
-    try:
-        return run(session, color=color)
-    except KeyboardInterrupt:
-        return 130
+    return run(session, color=color)
 
 
 if __name__ == "__main__":

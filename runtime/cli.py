@@ -6,14 +6,9 @@ import argparse
 import sys
 import time
 
+from ..cli import command
 from .firstuse import start_slow_notice, warm_up
-from .options import (
-    add_runtime_options,
-    check_prompt_length,
-    error_line,
-    load_options,
-    read_prompt,
-)
+from .options import add_runtime_options, check_prompt_length, load_options, read_prompt
 
 PROG = "flashmoe-run"
 
@@ -149,30 +144,25 @@ def generate(
     return tokens
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """``flashmoe-run``; exit codes as every flashmoe command (``flashmoe.cli``)."""
     args = build_parser().parse_args(argv)
+    if args.demo:
+        from .demo import run_demo
+
+        return run_demo(args)
+    if not args.model:
+        raise ValueError("MODEL is required (or use --demo)")
+    from .loader import load
+
+    model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
     try:
-        if args.demo:
-            from .demo import run_demo
-
-            return run_demo(args)
-        if not args.model:
-            raise ValueError("MODEL is required (or use --demo)")
-        from .loader import load
-
-        model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
-        try:
-            prompt = _prompt_tokens(args, tokenizer)
-            check_prompt_length(model, len(prompt))
-            generate(model, tokenizer, prompt, args)
-        finally:
-            model.flashmoe.close()  # writes the rest of a --trace, closes files and reader
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
+        prompt = _prompt_tokens(args, tokenizer)
+        check_prompt_length(model, len(prompt))
+        generate(model, tokenizer, prompt, args)
+    finally:
+        model.flashmoe.close()  # writes the rest of a --trace, closes files and reader
     return 0
 
 

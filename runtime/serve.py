@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from .options import add_runtime_options, error_line, load_options
+from ..cli import command, error_line
+from .options import add_runtime_options, load_options
 from .request_checks import check_logit_bias, check_request
 
 PROG = "flashmoe-serve"
@@ -472,43 +473,38 @@ def make_server(args: argparse.Namespace, model, tokenizer):
     return httpd, generator
 
 
+@command(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """``flashmoe-serve``; exit codes as every flashmoe command (``flashmoe.cli``): Ctrl-C shuts
+    the server down cleanly, then exits 130."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
     )
-    try:
-        _check(args)
-        resolve_address(args.host, args.port)  # fail before loading the model
-        if not is_loopback(args.host):
-            print(
-                f"{PROG}: warning: binding to {args.host} exposes the server to the network; "
-                "it has no authentication and runs whatever prompts it receives",
-                file=sys.stderr,
-            )
-        from .loader import load
-
-        model, tokenizer = load(
-            args.model,
-            **load_options(args),
-            max_kv_tokens=kv_tokens(args),
-            kv_sequences=args.decode_concurrency,
-            quiet=False,
+    _check(args)
+    resolve_address(args.host, args.port)  # fail before loading the model
+    if not is_loopback(args.host):
+        print(
+            f"{PROG}: warning: binding to {args.host} exposes the server to the network; "
+            "it has no authentication and runs whatever prompts it receives",
+            file=sys.stderr,
         )
-        if args.bank_experts is None:
-            print(f"{PROG}: {kv_note(args)}", file=sys.stderr, flush=True)
-        httpd, generator = make_server(args, model, tokenizer)
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
-        return 2
+    from .loader import load
+
+    model, tokenizer = load(
+        args.model,
+        **load_options(args),
+        max_kv_tokens=kv_tokens(args),
+        kv_sequences=args.decode_concurrency,
+        quiet=False,
+    )
+    if args.bank_experts is None:
+        print(f"{PROG}: {kv_note(args)}", file=sys.stderr, flush=True)
+    httpd, generator = make_server(args, model, tokenizer)
     host, port = httpd.server_address[:2]
     print(f"{PROG}: serving {args.model} on http://{host}:{port}", file=sys.stderr, flush=True)
     try:
         httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         httpd.server_close()
         generator.stop_and_join()
