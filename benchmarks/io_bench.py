@@ -39,6 +39,8 @@ from flashmoe.runtime.reader import (
     split_requests,
 )
 
+from flashmoe.fileio import commit
+
 GEOMETRIES = {  # name -> (expert_bytes, K)
     "397B": (7_077_888, 10),
     "35B": (1_769_472, 8),
@@ -66,13 +68,12 @@ def ensure_file(path: str, size: int) -> None:
         raise SystemExit(f"{path}: need {size / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
     print(f"writing {size / 1e9:.2f} GB to {path} ...", flush=True)
     block = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
-    with open(path + ".partial", "wb") as f:
+    fd = os.open(path + ".partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with open(fd, "wb", closefd=False) as f:
         for i, pos in enumerate(range(0, size, block.size)):
             block[:8] = np.frombuffer(np.int64(i).tobytes(), dtype=np.uint8)  # no two blocks equal
             f.write(memoryview(block)[: min(block.size, size - pos)])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".partial", path)
+    commit(fd, path + ".partial", path)
 
 
 # ---------------------------------------------------------------------------------- measurements

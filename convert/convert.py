@@ -24,7 +24,6 @@ from ..layouts import (
     blob_sha256,
     layer_file,
     read_index,
-    write_index,
 )
 from ..layouts.plan import all_split_plans, check_alignment
 from ..verify import spot_check_layout
@@ -36,7 +35,7 @@ from .lock import output_lock
 from .model_check import check_mlx_lm_loads
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
 from .source import Source, aux_files, resolve_source
-from .state import ConversionState, has_index, is_empty_output
+from .state import ConversionState, has_index, is_empty_output, write_index
 from .writers import (
     Cancelled,
     compare_dense,

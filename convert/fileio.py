@@ -1,4 +1,4 @@
-"""Low-level file I/O for the converter: full preads/pwrites, durable renames, errors with names."""
+"""Low-level file I/O for the converter: full preads/pwrites, preallocation, errors with names."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..fileio import commit
 from .errors import ConvertError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -66,29 +67,9 @@ def open_for_write(path: Path, size: int) -> int:
 
 
 def finish(fd: int, partial: Path, final: Path) -> None:
-    """fsync, close and rename ``partial`` to ``final``; fsync the directory so the rename sticks."""
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            # Written pages are not needed again soon; let them go instead of crowding the cache.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    os.replace(partial, final)
-    fsync_dir(final.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Commit an output file (``flashmoe.fileio.commit``): its written pages are not needed again
+    soon, so they leave the page cache instead of crowding it."""
+    commit(fd, partial, final, drop_cache=True)
 
 
 def os_error(e: OSError, path: object, needed: int | None = None) -> ConvertError:

@@ -13,9 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..layouts import EXPERTS_DIR, INDEX_FILE
+from ..fileio import atomic_write, fsync_dir, rename
+from ..layouts import EXPERTS_DIR, INDEX_FILE, Index
+from ..layouts.index import validate
 from .errors import ConvertError
-from .fileio import fsync_dir
 from .lock import LOCK_FILE
 
 STATE_DIR = ".flashmoe-convert"
@@ -23,12 +24,7 @@ _TMP_STATE = STATE_DIR + ".tmp"
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, sort_keys=True))
 
 
 def _record_name(name: str) -> str:
@@ -49,8 +45,7 @@ class ConversionState:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "done").mkdir(parents=True)
         _write_json(tmp / "source.json", fingerprint)
-        os.replace(tmp, out / STATE_DIR)
-        fsync_dir(out)
+        rename(tmp, out / STATE_DIR)
         return cls(out, fresh=True)
 
     @classmethod
@@ -101,7 +96,8 @@ class ConversionState:
         for d in (self.out, self.out / EXPERTS_DIR):
             for p in d.glob("*.partial"):
                 p.unlink(missing_ok=True)
-        (self.out / (INDEX_FILE + ".tmp")).unlink(missing_ok=True)
+        for p in self.out.glob(f".{INDEX_FILE}.*.tmp"):  # atomic_write's temporary name
+            p.unlink(missing_ok=True)
         try:
             (self.out / EXPERTS_DIR).rmdir()
         except OSError:
@@ -120,3 +116,10 @@ def is_empty_output(out: Path) -> bool:
 
 def has_index(out: Path) -> bool:
     return (out / INDEX_FILE).is_file()
+
+
+def write_index(out: Path, index: Index) -> None:
+    """Validate ``index`` and write it atomically and durably: the last step of a conversion (a
+    layout with an index is complete)."""
+    validate(index, str(out / INDEX_FILE))
+    atomic_write(out / INDEX_FILE, index.to_json())

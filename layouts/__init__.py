@@ -14,7 +14,6 @@ from .index import (
     Index,
     LayerFile,
     read_index,
-    write_index,
 )
 from .naming import (
     CARD_FILE,
@@ -64,5 +63,4 @@ __all__ = [
     "safe_relative_path",
     "split_plan",
     "text_config",
-    "write_index",
 ]

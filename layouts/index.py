@@ -290,21 +290,3 @@ def read_index(root: str | os.PathLike) -> Index:
     for f in index.files:
         safe_relative_path(root, f.name, "file")
     return index
-
-
-def write_index(root: str | os.PathLike, index: Index) -> None:
-    """Write the index atomically (temporary name, fsync, rename): the last step of a conversion."""
-    root = Path(root)
-    validate(index, str(root / INDEX_FILE))
-    tmp = root / (INDEX_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(index.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / INDEX_FILE)
-    # Make the rename itself durable: a layout must not lose its index after a crash.
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
