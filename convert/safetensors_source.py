@@ -14,29 +14,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..layouts.dtypes import SIZES as DTYPE_SIZES
 from .errors import ConvertError
 
 INDEX_JSON = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "F64": 8,
-}
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,7 @@ from collections.abc import Iterable
 import mlx.core as mx
 import numpy as np
 
-_DTYPES = {
-    "U32": mx.uint32,
-    "U8": mx.uint8,
-    "BF16": mx.bfloat16,
-    "F16": mx.float16,
-    "F32": mx.float32,
-}
+from ..layouts.dtypes import mlx_dtype
 
 
 class BankFullError(RuntimeError):
@@ -82,7 +76,7 @@ class ExpertBank:
             raise ValueError("a bank needs at least one slot")
         self.slots = slots
         self.arrays: list[mx.array] = [
-            self._allocate((slots, *shape), _DTYPES[dtype], page_aligned)
+            self._allocate((slots, *shape), mlx_dtype(dtype), page_aligned)
             for _, dtype, shape in components
         ]
         mx.eval(self.arrays)
