@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def budget_for(index, fraction: float, max_kv_tokens: int = 8192) -> tuple[int, int]:
     """(budget bytes, slots) such that ``load(memory_budget_gb=...)`` picks ``fraction`` of experts."""
     from ..layouts import text_config
-    from ..metal.memory import kv_cache_bytes
+    from ..runtime.sizing import kv_cache_bytes
 
     slots = max(index.top_k, round(index.num_experts * fraction))
     kv = kv_cache_bytes(text_config(index.config), max_kv_tokens)

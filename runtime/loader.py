@@ -29,8 +29,9 @@ from ..layouts import (
     read_index,
     text_config,
 )
-from ..metal.memory import GiB, kv_cache_bytes, physical_memory, set_limits, slots_for_budget
+from ..metal.memory import GiB, physical_memory, set_limits
 from .reader import make_reader
+from .sizing import kv_cache_bytes, slots_for_budget
 from .store import ExpertStore
 from .streaming import StreamingSwitchGLU, Timed, Timing, link_next_layers
 
