@@ -17,7 +17,12 @@ import time
 from dataclasses import dataclass
 
 from ..cli import command, error_line, is_user_error
-from .options import add_runtime_options, check_prompt_length, load_options
+from .options import (
+    add_generation_options,
+    add_runtime_options,
+    check_prompt_length,
+    load_options,
+)
 
 PROG = "flashmoe-chat"
 HELP = "commands: /reset (new conversation)  /stats  /help  /quit;  Ctrl-C stops an answer"
@@ -273,11 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(p)
     g = p.add_argument_group("generation")
     g.add_argument("--system-prompt", default=None)
-    g.add_argument("--max-tokens", "-m", type=int, default=512, help="per answer")
-    g.add_argument("--temp", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    add_generation_options(g, max_tokens_help="tokens per answer at most")
     g.add_argument(
         "--chat-template-args",
         type=json.loads,

@@ -8,7 +8,13 @@ import time
 
 from ..cli import command
 from .firstuse import start_slow_notice, warm_up
-from .options import add_runtime_options, check_prompt_length, load_options, read_prompt
+from .options import (
+    add_generation_options,
+    add_runtime_options,
+    check_prompt_length,
+    load_options,
+    read_prompt,
+)
 
 PROG = "flashmoe-run"
 
@@ -24,11 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", "-p", default="Hello", help="the prompt, or - to read stdin")
     g.add_argument("--system-prompt", default=None)
     g.add_argument("--ignore-chat-template", action="store_true")
-    g.add_argument("--max-tokens", "-m", type=int, default=256)
-    g.add_argument("--temp", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    add_generation_options(g, max_tokens_help="tokens to generate at most")
     p.add_argument(
         "--timing", action="store_true", help="print per-token timing and I/O statistics"
     )

@@ -235,24 +235,78 @@ def load(
     bank_policy: str = "lru",
     hits_first: bool = True,
 ):
-    """Load a layout (directory or Hub repo id) as an mlx-lm ``(model, tokenizer)`` pair.
+    """Load a flashmoe layout as an mlx-lm ``(model, tokenizer)`` pair, its routed experts streamed.
 
-    The non-expert weights are loaded resident; each MoE layer's routed experts are streamed into
-    a bank of ``bank_experts`` slots (or as many as ``memory_budget_gb`` allows; by default 75 % of
-    physical memory, capped at all experts). ``k`` overrides the number of routed experts per token
-    (fewer changes the output). ``verify`` checks each expert read against the index checksums.
-    ``direct_io`` reads experts around the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
-    The budget reserves a KV cache of ``max_kv_tokens`` tokens in all, over ``kv_sequences``
-    concurrent sequences. ``trace`` records the routing of every MoE layer call to that file
-    (``flashmoe.runtime.trace``; attached as ``model.flashmoe.store.trace``).
-    ``prefetch`` ("off", "on", "auto"): while a layer computes, read the experts that the next
-    layer's router picks for the current hidden state (only residency changes, never the output).
-    ``bank_policy`` ("lru", "lfu", "lfuda"): which resident expert a miss evicts
-    (``metal/policies.py``; only residency changes, never the output).
-    ``hits_first``: in a decode step with misses, compute the resident experts while the misses
-    are read (same output: each expert's rows are computed alone either way).
-    ``drop_dense_cache``: once the dense weights are in MLX's memory, drop the dense file from the
-    page cache (Linux), so those bytes are not held twice (``bench/RESULTS.md``, "Dense weights").
+    The non-expert (dense) weights are loaded resident; each MoE layer's ``SwitchGLU`` is replaced
+    by a streaming one that reads the experts a step routes to into a bank of slots. The pair works
+    with every mlx-lm tool (``generate``, ``stream_generate``, ``mlx_lm.server``'s generator).
+
+    Args:
+        path_or_repo (str): A layout directory (``~`` is expanded), or a Hugging Face Hub repo id
+            ``ORG/NAME`` of a published layout: pulled into the Hub cache (only the files its
+            index lists) and verified against the index once.
+        bank_experts (int, optional): Expert slots per MoE layer, from the model's top-k to its
+            number of experts. Default: as many as ``memory_budget_gb`` allows.
+        memory_budget_gb (float, optional): Size the bank so that the dense weights, the bank, the
+            KV cache (see ``max_kv_tokens``) and 256 MiB of overhead fit in this many GiB (finite,
+            >= 0). Default: 75 % of physical memory. Ignored when ``bank_experts`` is given.
+        cache_io_split (int): Split each expert read into this many page-aligned chunks (1..8),
+            read in parallel. Default: ``1``.
+        io_threads (int): Threads of the read pool (>= 1). Default: ``8``.
+        reader (str): ``"native"`` (the C pool, GIL released), ``"python"``, or ``"auto"`` (native
+            when it was built, else Python with a notice). Default: ``"auto"``.
+        k (int, optional): Routed experts per token, 1..number of experts. Fewer is faster and
+            changes the output (a warning says so). Default: the model's top-k.
+        verify (bool): Check every expert read against its sha256 in the index, and the dense
+            weights and copied files once at load. Default: ``False``.
+        direct_io (bool): Read experts around the page cache (``O_DIRECT`` on Linux, ``F_NOCACHE``
+            on macOS), for cold-read measurements. Default: ``False``.
+        timing (bool): Accumulate dense, router-sync and expert-compute seconds in
+            ``model.flashmoe.timing`` (adds one sync per phase). Default: ``False``.
+        max_kv_tokens (int): KV-cache tokens, in all, that budget sizing reserves memory for.
+            Default: ``8192``.
+        kv_sequences (int): Concurrent sequences that budget sizing reserves recurrent
+            (linear-attention) state for. Default: ``1``.
+        revision (str, optional): Hub branch, tag or commit when ``path_or_repo`` is a repo id.
+            Default: the main branch.
+        return_config (bool): Also return the model's config dict (as ``mlx_lm.load`` does).
+            Default: ``False``.
+        quiet (bool): When ``False``, print how the bank was sized to stderr. Default: ``True``.
+        trace (str or Path, optional): Record the routed expert ids (and hits) of every MoE layer
+            call to this file (zstd, ``flashmoe.runtime.trace``; replay it with ``flashmoe-bench
+            policy``); the writer is ``model.flashmoe.store.trace``, flushed by
+            ``model.flashmoe.close()``. Default: no trace.
+        drop_dense_cache (bool): Once MLX holds the dense weights, drop the dense file from the
+            page cache (Linux), so those bytes are not held twice (``benchmarks/RESULTS.md``,
+            "Dense weights"). Default: ``True``.
+        prefetch (str): ``"off"``, ``"on"`` or ``"auto"``: while a layer computes, read the experts
+            the next layer's router picks for the current hidden state (only residency changes,
+            never the output; ``"auto"`` backs off when it guesses badly). Default: ``"off"``.
+        bank_policy (str): Which resident expert a miss evicts: ``"lru"``, ``"lfu"`` or
+            ``"lfuda"`` (``metal/policies.py``; only residency changes, never the output).
+            Default: ``"lru"``.
+        hits_first (bool): In a decode step with misses, compute the resident experts while the
+            misses are read (the same output: each expert's rows are computed alone either way).
+            Default: ``True``.
+
+    Returns:
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``: mlx-lm's
+        own model class and ``TokenizerWrapper``. ``model.flashmoe`` (``Runtime``) holds the layout
+        root, its index, the expert store (``store.stats``: hits, misses, bytes read), the bank
+        size, top-k, timing and the sizing note; ``model.flashmoe.close()`` closes the layer files,
+        the trace and the read pool.
+
+    Raises:
+        LayoutError: ``path_or_repo`` is not a layout (or a repo that cannot be pulled:
+            ``HubError``), its index or a listed file is invalid, missing or fails verification,
+            its ``config.json`` differs from the index's, or mlx-lm cannot build the model or
+            tokenizer from it. A ``ValueError``, like the next.
+        ValueError: An argument of the wrong type or out of range (``bank_experts``, ``k``,
+            ``cache_io_split``, ``io_threads``, ``reader``, ``prefetch``, ``bank_policy``), or a
+            memory budget that cannot hold the dense weights, the KV cache and one token's experts
+            per layer.
+        RuntimeError: ``reader="native"`` where the native reader was not built.
+        OSError: A file of the layout (or ``trace``) cannot be opened or read.
     """
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()

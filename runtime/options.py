@@ -13,6 +13,25 @@ _SEED_MAX = 2**64 - 1
 
 
 PREFETCH_DEFAULT = "off"
+# Generation defaults of flashmoe-run, -chat and -serve (a server request may ask for others).
+MAX_TOKENS_DEFAULT = 512
+
+
+def add_generation_options(g, *, max_tokens_help: str, seed: bool = True) -> None:
+    """--max-tokens/-m, --temp, --top-p, --min-p (and --seed) on argument group ``g``, with the
+    defaults every command shares (greedy, ``MAX_TOKENS_DEFAULT`` tokens)."""
+    g.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=MAX_TOKENS_DEFAULT,
+        help=f"{max_tokens_help} (default %(default)s)",
+    )
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    if seed:
+        g.add_argument("--seed", type=int, default=None)
 
 
 def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = False) -> None:

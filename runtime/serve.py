@@ -27,7 +27,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from ..cli import command, error_line
-from .options import add_runtime_options, load_options
+from .options import add_generation_options, add_runtime_options, load_options
 from .request_checks import check_logit_bias, check_request
 
 PROG = "flashmoe-serve"
@@ -360,14 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-request-bytes", type=int, default=16 * MiB, help="larger bodies get 413")
     h.add_argument("--max-prompt-tokens", type=int, default=8192, help="longer prompts get 400")
     g = p.add_argument_group("generation (mlx_lm.server's options)")
-    g.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request")
+    add_generation_options(g, max_tokens_help="max_tokens of a request that sets none", seed=False)
     g.add_argument(
         "--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask"
     )
-    g.add_argument("--temp", type=float, default=0.0, help="default sampling temperature")
-    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument(
         "--chat-template-args",
         type=json.loads,

@@ -149,3 +149,9 @@ def test_umbrella_command_runs_each_script(tmp_path, capsys):
         [sys.executable, "-m", "flashmoe", "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and r.stdout.startswith("usage: flashmoe {")
+
+
+def test_generation_defaults_agree_across_run_chat_and_serve():
+    parsed = [m.build_parser().parse_args(["MODEL"]) for m in (run_cli, chat, serve)]
+    defaults = {(a.max_tokens, a.temp, a.top_p, a.min_p) for a in parsed}
+    assert defaults == {(512, 0.0, 1.0, 0.0)}
