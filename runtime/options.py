@@ -1,4 +1,4 @@
-"""Expert-streaming options shared by ``flashmoe-serve`` and ``flashmoe-chat`` (as ``flashmoe-run``)."""
+"""Options shared by ``flashmoe-run``, ``-chat`` and ``-serve``: expert streaming, generation defaults."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import math
 import sys
 
-from ..hubio import error_line as error_line  # re-exported for the CLIs
 from ..layouts import MAX_SPLIT
 
 _SEED_MAX = 2**64 - 1
