@@ -22,6 +22,9 @@ EXPERT, EXPERTS, K = 1_769_472, 256, 8
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0].startswith("-"):  # not a FILE: never write 450 MB to "--help"
+        print(__doc__)
+        return 0 if argv[0] in ("-h", "--help") else 2
     path = argv[0] if argv else "/tmp/flashmoe-gil-switch.bin"
     if not os.path.exists(path) or os.path.getsize(path) != EXPERT * EXPERTS:
         with open(path, "wb") as f:
