@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .dtypes import COMPONENT_DTYPES, SIZES
 from .errors import LayoutError
 from .families import COMPONENTS, text_config
 from .naming import DENSE_FILE, INDEX_FILE, safe_relative_path
@@ -122,8 +123,7 @@ def _fields(cls, d, where: str) -> dict:
     return dict(d)
 
 
-# Component dtypes: packed weights are U32, scales and biases as in the source.
-DTYPE_SIZES = {"U32": 4, "BF16": 2, "F16": 2, "F32": 4}
+DTYPE_SIZES = {name: SIZES[name] for name in COMPONENT_DTYPES}
 _HEX = set("0123456789abcdef")
 
 
