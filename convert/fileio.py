@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import fileio
 from ..fileio import commit
 from .errors import ConvertError
 
@@ -15,26 +16,14 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def preadv_full(fd: int, buffers: Sequence[memoryview], offset: int, path: object) -> None:
     """Fill ``buffers`` in order from ``fd`` at ``offset``; end of file is an error naming ``path``."""
-    views = list(buffers)
-    done = 0
-    while views:
-        try:
-            n = os.preadv(fd, views, offset + done)
-        except InterruptedError:
-            continue
-        if n == 0:
-            total = done + sum(v.nbytes for v in views)
-            raise ConvertError(
-                path,
-                f"truncated: end of file at byte {offset + done} while reading {total} bytes at "
-                f"offset {offset} (the file changed or is shorter than its header says)",
-            )
-        done += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+    try:
+        fileio.preadv_full(fd, buffers, offset)
+    except fileio.ShortRead as e:
+        raise ConvertError(
+            path,
+            f"truncated: end of file at byte {offset + e.done} while reading {e.total} bytes at "
+            f"offset {offset} (the file changed or is shorter than its header says)",
+        ) from None
 
 
 def pwrite_full(fd: int, data: memoryview, offset: int) -> None:

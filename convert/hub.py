@@ -16,12 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli import command
+from ..fileio import atomic_write
 from ..hubio import (
     HubError,
     check_repo_id,
     hub_error_message,
     progress_bars,
-    run_transfer_command,
 )
 from ..layouts import CARD_FILE, INDEX_FILE, Index
 
@@ -137,9 +138,7 @@ def write_card(root: Path, index: Index, repo_id: str) -> Path:
     path = root / CARD_FILE
     current = path.read_text(errors="replace") if path.is_file() else None
     text = model_card(index, source_readme=current, hub_repo=repo_id)
-    tmp = root / (CARD_FILE + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return path
 
 
@@ -269,20 +268,19 @@ def add_publish_options(p: argparse.ArgumentParser, *, with_repo: bool) -> None:
     g.add_argument("--commit-message", default=None, metavar="M")
 
 
+@command(PROG, resumable=True)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_transfer_command(
-        PROG,
-        lambda: publish(
-            args.layout,
-            args.repo_id,
-            private=args.private,
-            revision=args.upload_revision,
-            commit_message=args.commit_message,
-            dry_run=args.dry_run,
-            progress=not args.quiet,
-        ),
+    publish(
+        args.layout,
+        args.repo_id,
+        private=args.private,
+        revision=args.upload_revision,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
     )
+    return 0
 
 
 if __name__ == "__main__":

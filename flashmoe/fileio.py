@@ -1,6 +1,9 @@
-"""Atomic, durable file replacement: the one rule every writer in flashmoe follows.
+"""File I/O every part of flashmoe shares: full scatter reads and atomic, durable replacement.
 
-Write a temporary file in the target's directory, fsync it, rename it over the target, fsync the
+``preadv_full`` is the one read loop (short reads continued, EINTR retried, end of file an
+error); the converter, the verifier and the runtime's Python reader wrap it with their own error
+messages (the native reader has the same loop in C). Replacement follows one rule: write a
+temporary file in the target's directory, fsync it, rename it over the target, fsync the
 directory. After a crash the target is either the old file or the complete new one, never a torn
 mix, and a finished rename survives power loss.
 """
@@ -9,7 +12,40 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+
+class ShortRead(EOFError):
+    """End of file before the buffers were full: ``done`` of ``total`` bytes read at ``offset``."""
+
+    def __init__(self, offset: int, done: int, total: int):
+        super().__init__(f"end of file after {done} of {total} bytes at offset {offset}")
+        self.offset, self.done, self.total = offset, done, total
+
+
+def preadv_full(fd: int, buffers: Sequence, offset: int) -> None:
+    """Fill ``buffers`` in order from ``fd`` at ``offset`` with ``preadv``.
+
+    Continues short reads and retries EINTR; raises ``ShortRead`` at end of file and lets any
+    other ``OSError`` through (callers name the file).
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(v.nbytes for v in views)
+    done = 0
+    while views:
+        try:
+            n = os.preadv(fd, views, offset + done)
+        except InterruptedError:
+            continue
+        if n == 0:
+            raise ShortRead(offset, done, total)
+        done += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -5,10 +5,10 @@ progress bars. Transfers and retries are huggingface_hub's own (``snapshot_downl
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .cli import error_line
 from .layouts import LayoutError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -85,26 +85,6 @@ def hub_error_message(e: BaseException, repo_id: str | None = None) -> str:
     ):
         return f"{where}: connection to {constants.ENDPOINT} failed ({name}: {error_line(e)})"
     return error_line(e)
-
-
-def error_line(e: BaseException) -> str:
-    """The first line of an exception's message (or its type name): the CLIs' one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def run_transfer_command(prog: str, action: Callable[[], object]) -> int:
-    """Run a resumable Hub transfer (publish, pull): 0 on success, a one-line error and 2 on
-    failure, 130 with a hint to resume on Ctrl-C."""
-    try:
-        action()
-    except KeyboardInterrupt:
-        print(f"{prog}: error: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except (LayoutError, OSError, ValueError) as e:
-        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
-        return 2
-    return 0
 
 
 @contextmanager

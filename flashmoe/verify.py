@@ -10,18 +10,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .fileio import ShortRead, preadv_full
 from .layouts import Index, LayerFile, LayoutError, read_index, safe_relative_path
 
 _CHUNK = 8 * 1024 * 1024
 
 
 def _read_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < buf.nbytes:
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise LayoutError(f"{path}: shorter than the index says")
-        done += n
+    try:
+        preadv_full(fd, [buf], offset)
+    except ShortRead:
+        raise LayoutError(f"{path}: shorter than the index says") from None
 
 
 def _check_size(path: Path, size: int, what: str) -> None:

@@ -20,12 +20,13 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import command
+from ..fileio import atomic_write
 from ..hubio import (
     HubError,
     check_repo_id,
     hub_error_message,
     progress_bars,
-    run_transfer_command,
 )
 from ..layouts import (
     CODE_PATTERNS,
@@ -165,9 +166,7 @@ def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:
     marker = _marker_path(root)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # concurrent pulls
-        tmp.write_text(json.dumps(_fingerprint(root)))
-        os.replace(tmp, marker)
+        atomic_write(marker, json.dumps(_fingerprint(root)))
     except OSError:
         pass  # read-only cache: verify again next time
 
@@ -187,20 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command(PROG, resumable=True)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def pull_and_print() -> None:
-        root = pull(
-            args.repo_id,
-            revision=args.revision,
-            local_dir=args.local_dir,
-            verify=not args.no_verify,
-            progress=not args.quiet,
-        )
-        print(root)
-
-    return run_transfer_command(PROG, pull_and_print)
+    root = pull(
+        args.repo_id,
+        revision=args.revision,
+        local_dir=args.local_dir,
+        verify=not args.no_verify,
+        progress=not args.quiet,
+    )
+    print(root)
+    return 0
 
 
 if __name__ == "__main__":

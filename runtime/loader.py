@@ -17,7 +17,8 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from ..hubio import error_line, is_repo_id
+from ..cli import error_line
+from ..hubio import is_repo_id
 from ..layouts import (
     DENSE_FILE,
     INDEX_FILE,

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .. import fileio
+
 # O_DIRECT needs offsets, lengths and buffer addresses on the device's logical block size; 4 KiB covers
 # every device we know of (layouts align records to >= 4 KiB anyway).
 DIRECT_ALIGNMENT = 4096
@@ -43,37 +45,26 @@ class ReadRequest:
 
 
 def preadv_full(fd: int, buffers: Sequence, offset: int, path: str = "?") -> None:
-    """``preadv`` until every buffer is full: continue short reads, retry EINTR, EOF is an error."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    total = sum(v.nbytes for v in views)
-    done = 0
-    while views:
-        try:
-            n = os.preadv(fd, views, offset + done)
-        except InterruptedError:
-            continue
-        except OSError as e:
-            why = direct_misalignment(fd, offset + done, views) if e.errno == errno.EINVAL else None
-            if why:
-                raise ReadError(
-                    errno.EINVAL,
-                    f"O_DIRECT read of {total} bytes at offset {offset} from {path}: {why}",
-                ) from None
+    """``fileio.preadv_full`` with the reader's errors: ``ReadError`` naming the file, offset and
+    length (and, for O_DIRECT, what is misaligned)."""
+    try:
+        fileio.preadv_full(fd, buffers, offset)
+    except fileio.ShortRead as e:
+        raise ReadError(
+            errno.EIO,
+            f"read of {e.total} bytes at offset {offset} from {path}: end of file after {e.done} bytes",
+        ) from None
+    except OSError as e:
+        total = sum(memoryview(b).nbytes for b in buffers)
+        why = direct_misalignment(fd, offset, buffers) if e.errno == errno.EINVAL else None
+        if why:
             raise ReadError(
-                e.errno,
-                f"read of {total} bytes at offset {offset} from {path} failed: {e.strerror}",
+                errno.EINVAL,
+                f"O_DIRECT read of {total} bytes at offset {offset} from {path}: {why}",
             ) from None
-        if n == 0:
-            raise ReadError(
-                errno.EIO,
-                f"read of {total} bytes at offset {offset} from {path}: end of file after {done} bytes",
-            )
-        done += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+        raise ReadError(
+            e.errno, f"read of {total} bytes at offset {offset} from {path} failed: {e.strerror}"
+        ) from None
 
 
 def direct_misalignment(
