@@ -30,7 +30,7 @@ from ..verify import spot_check_layout
 from .card import model_card
 from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
-from .geometry import ExpertPlan, plan_experts
+from .geometry import ExpertPlan, check_family, plan_experts
 from .lock import output_lock
 from .model_check import check_mlx_lm_loads
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
@@ -346,8 +346,8 @@ def convert_checkpoint(
     out = Path(out)
     source = resolve_source(src, revision, progress)
     ckpt = open_checkpoint(source.path)
-    plan = plan_experts(ckpt)
-    check_mlx_lm_loads(source.path, ckpt.config)
+    check_family(ckpt)  # before the costlier mlx-lm load
+    plan = plan_experts(ckpt, check_mlx_lm_loads(source.path, ckpt.config))
     aux = aux_files(source.path)
     source_block = {
         "repo_id": source.repo_id,
@@ -472,6 +472,7 @@ def _write_layout(
             source=source_block,
             split_plans=all_split_plans(plan.expert_bytes, alignment),
             created_by=f"flashmoe {__version__}",
+            version=plan.version,
         )
         _write_readme(out, index, source)
         write_index(out, index)

@@ -1,22 +1,34 @@
-"""Work out what a checkpoint's routed experts look like and check it against config.json."""
+"""Find a checkpoint's routed experts in mlx-lm's own model of it, and plan their records.
+
+The expert tensors are the parameters of the model's ``SwitchGLU`` / ``SwitchMLP`` modules, as
+mlx-lm builds and quantizes them from ``config.json`` (so the quantization of every projection is
+mlx-lm's reading of the config, not ours). Each parameter is traced back through the model's
+``sanitize`` to the checkpoint tensor it is; one that ``sanitize`` computes from others cannot be
+copied byte-exact and is refused.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layouts import COMPONENTS, Component, family_for, record_size, text_config
-from ..layouts.families import match_expert_key
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchMLP
+
+from ..layouts import Component, family_named, record_size
+from ..layouts.families import GLU_PROJECTIONS, MLP_PROJECTIONS, layer_of_module_path, top_k_of
+from ..layouts.index import record_version
 from .errors import ConvertError
+from .model_check import LoadedModel, check_mlx_lm_loads, mlx_lm_module
 from .safetensors_source import Checkpoint, TensorInfo
 
-SCALE_DTYPES = ("BF16", "F16", "F32")
+V1_MODULE = ".switch_mlp"  # version 1 keys: <source_prefix>.switch_mlp.<component>
 
 
 @dataclass
 class MoeLayer:
     layer: int
-    prefix: str  # e.g. "language_model.model.layers.3.mlp"
-    tensors: list[TensorInfo]  # the nine stacked tensors, in COMPONENTS order
+    prefix: str  # source_prefix of the index (FORMAT.md: its meaning depends on the version)
+    tensors: list[TensorInfo]  # the stacked tensors, in component order
 
 
 @dataclass
@@ -28,160 +40,167 @@ class ExpertPlan:
     expert_bytes: int
     layers: list[MoeLayer]
     dense: list[TensorInfo]  # every other tensor, sorted by name
+    version: int = 1  # the layout format version the records need
 
     def record_size(self, alignment: int) -> int:
         return record_size(self.expert_bytes, alignment)
 
 
-def _int_field(cfg: dict, names: tuple[str, ...], where: str) -> int:
-    for n in names:
-        v = cfg.get(n)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    raise ConvertError(where, f"config has no positive integer {' / '.join(names)}")
+def check_family(ckpt: Checkpoint) -> str:
+    """The mlx-lm module of a supported family; ConvertError naming config.json otherwise."""
+    where = ckpt.path / "config.json"
+    model_type = ckpt.config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConvertError(where, f"model_type {model_type!r} is not a string")
+    module = mlx_lm_module(ckpt.config)
+    try:
+        family_named(module, model_type)
+    except ValueError as e:
+        raise ConvertError(where, str(e)) from None
+    if not any(_quantization_blocks(ckpt.config)):
+        raise ConvertError(where, f"unsupported quantization: {_NOT_QUANTIZED}")
+    return module
 
 
-def quantization_for(config: dict, module_path: str, where: str) -> tuple[int, int, str]:
-    """``(bits, group_size, mode)`` of one module, following mlx-lm's reading of the block."""
-    q = config.get("quantization")
-    if not isinstance(q, dict):
-        raise ConvertError(
-            where,
-            "unsupported quantization: no 'quantization' block (flashmoe repacks quantized MLX "
-            "checkpoints, e.g. from mlx_lm.convert -q)",
-        )
-    # Per-path overrides use mlx-lm module paths, which carry "language_model." for the
-    # multimodal families even when the checkpoint's keys do not.
-    for path in (
-        module_path,
-        "language_model." + module_path,
-        module_path.removeprefix("language_model."),
-    ):
-        override = q.get(path)
-        if override is False:
-            raise ConvertError(where, f"unsupported quantization: {path} is not quantized")
-        if isinstance(override, dict):
-            # mlx.nn.quantize passes the dict to to_quantized, whose defaults are 64 / 4 / affine.
-            return (
-                override.get("bits", 4),
-                override.get("group_size", 64),
-                override.get("mode", "affine"),
-            )
-    bits, group_size = q.get("bits"), q.get("group_size")
-    if not isinstance(bits, int) or not isinstance(group_size, int):
-        raise ConvertError(where, f"unsupported quantization: block lacks bits/group_size ({q!r})")
-    return bits, group_size, q.get("mode", "affine")
+_NOT_QUANTIZED = (
+    "no 'quantization' block (flashmoe repacks quantized MLX checkpoints, e.g. from "
+    "mlx_lm.convert -q)"
+)
 
 
-def _expected_shapes(out_dim: int, in_dim: int, bits: int, group_size: int) -> tuple:
-    return (out_dim, in_dim * bits // 32), (out_dim, in_dim // group_size)
+def _quantization_blocks(config: dict) -> list:
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else {}
+    return [config.get("quantization"), config.get("quantization_config")] + [
+        text.get("quantization_config")
+    ]
 
 
-def _layer_components(
-    ckpt: Checkpoint, layer: MoeLayer, num_experts: int, hidden: int, inter: int, where: str
-) -> list[Component]:
-    dims = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    comps, offset = [], 0
-    for name, t in zip(COMPONENTS, layer.tensors, strict=True):
-        proj, part = name.split(".")
-        bits, group_size, mode = quantization_for(
-            ckpt.config, f"{layer.prefix}.switch_mlp.{proj}", where
-        )
-        if mode != "affine":
+def _switch_modules(model) -> list[tuple[int, str, object]]:
+    """``(layer, path, module)`` of every SwitchGLU / SwitchMLP in ``model``, by layer."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, (SwitchGLU, SwitchMLP)):
+            found.append((layer_of_module_path(path), path, module))
+    return found
+
+
+def _projection(ckpt: Checkpoint, loaded: LoadedModel, path: str, proj: str, lin, where):
+    """``[(component name, part, checkpoint tensor, bits, group_size, mode)]`` of one projection."""
+    if not isinstance(lin, QuantizedSwitchLinear):
+        raise ConvertError(where, f"unsupported quantization: {path}.{proj} is not quantized")
+    parts = ["weight", "scales"]
+    if lin.get("biases") is not None:
+        parts.append("biases")
+    if lin.get("global_scale") is not None:
+        parts.append("global_scale")
+    if "bias" in lin:
+        parts.append("bias")
+    out = []
+    for part in parts:
+        key = f"{path}.{proj}.{part}"
+        source = loaded.sources.get(key)
+        if source is None:
             raise ConvertError(
                 where,
-                f"unsupported quantization: mode {mode!r} for {layer.prefix}.switch_mlp.{proj} "
-                "(only affine is supported)",
+                f"expert tensor {key} is computed by mlx-lm's sanitize from other tensors "
+                "(per-expert or converted source tensors), so it cannot be copied byte-exact; "
+                "convert the checkpoint with mlx_lm.convert first",
             )
-        if bits not in (2, 3, 4, 5, 6, 8) or group_size <= 0:
-            raise ConvertError(
-                where, f"unsupported quantization: bits={bits} group_size={group_size}"
-            )
-        out_dim, in_dim = dims[proj]
-        w_shape, s_shape = _expected_shapes(out_dim, in_dim, bits, group_size)
-        want_dtype = "U32" if part == "weight" else t.dtype
-        want_shape = (num_experts, *(w_shape if part == "weight" else s_shape))
-        if part != "weight" and t.dtype not in SCALE_DTYPES:
+        if source not in ckpt.tensors:
+            raise ConvertError(where, f"expert tensor {source} is in no listed shard")
+        out.append((f"{proj}.{part}", ckpt.tensors[source], lin.bits, lin.group_size, lin.mode))
+    return out
+
+
+def _layer_plan(ckpt: Checkpoint, loaded: LoadedModel, layer: int, path: str, module, where):
+    projections = GLU_PROJECTIONS if isinstance(module, SwitchGLU) else MLP_PROJECTIONS
+    pieces = []
+    for proj in projections:
+        pieces += _projection(ckpt, loaded, path, proj, getattr(module, proj), where)
+    names = {f"{path}.{name}" for name, *_ in pieces}
+    params = (f"{path}.{k}" for k, _ in tree_flatten(module.parameters()))
+    extra = sorted(k for k in params if k not in names)
+    if extra:
+        raise ConvertError(
+            where, f"expert module {path} has parameters flashmoe does not stream ({extra[0]})"
+        )
+    num_experts = pieces[0][1].shape[0]
+    comps, offset = [], 0
+    prefixes = set()
+    for name, t, bits, group_size, mode in pieces:
+        if not t.shape or t.shape[0] != num_experts or t.nbytes % num_experts:
             raise ConvertError(
                 ckpt.path / t.file,
-                f"tensor {t.name}: dtype {t.dtype} is not a quantization scale dtype",
+                f"tensor {t.name}: shape {list(t.shape)} is not one slice per expert of "
+                f"{num_experts}",
             )
-        if t.dtype != want_dtype or t.shape != want_shape:
+        if not t.name.endswith("." + name):
             raise ConvertError(
-                ckpt.path / t.file,
-                f"tensor {t.name} is {t.dtype}{list(t.shape)}, but config.json ({bits}-bit, group "
-                f"{group_size}, {num_experts} experts, hidden {hidden}, moe_intermediate {inter}) "
-                f"implies {want_dtype}{list(want_shape)}: unsupported quantization or wrong config",
+                ckpt.path / t.file, f"tensor {t.name}: expected a name ending in .{name}"
             )
+        prefixes.add(t.name[: -len(name) - 1])
         nbytes = t.nbytes // num_experts
         comps.append(
             Component(name, t.dtype, list(t.shape[1:]), offset, nbytes, bits, group_size, mode)
         )
         offset += nbytes
-    return comps
+    if len(prefixes) != 1:
+        raise ConvertError(where, f"layer {layer}: expert tensors have several key prefixes")
+    return num_experts, comps, prefixes.pop(), [t for _, t, *_ in pieces]
 
 
-def plan_experts(ckpt: Checkpoint) -> ExpertPlan:
-    """Find the MoE layers, check their geometry and quantization, split off the dense tensors."""
-    where = str(ckpt.path / "config.json")
-    try:
-        family = family_for(ckpt.config)
-    except ValueError as e:
-        raise ConvertError(where, str(e)) from None
-    tc = text_config(ckpt.config)
-    num_experts = _int_field(tc, ("num_experts",), where)
-    top_k = _int_field(tc, ("num_experts_per_tok",), where)
-    hidden = _int_field(tc, ("hidden_size",), where)
-    inter = _int_field(tc, ("moe_intermediate_size",), where)
-    if top_k > num_experts:
-        raise ConvertError(where, f"num_experts_per_tok {top_k} > num_experts {num_experts}")
+def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertPlan:
+    """Find the MoE layers in mlx-lm's model of ``ckpt``, check them, split off the dense tensors.
 
-    found: dict[int, dict[str, TensorInfo]] = {}
-    prefixes: dict[int, str] = {}
-    dense = []
-    for name in sorted(ckpt.tensors):
-        t = ckpt.tensors[name]
-        m = match_expert_key(family, name)
-        if m is None:
-            if ".switch_mlp." in name:
-                raise ConvertError(
-                    ckpt.path / t.file, f"tensor {name}: unexpected routed-expert tensor"
-                )
-            dense.append(t)
-            continue
-        layer, prefix, component = m
-        if prefixes.setdefault(layer, prefix) != prefix:
-            raise ConvertError(
-                ckpt.path / t.file, f"tensor {name}: layer {layer} has two key prefixes"
-            )
-        found.setdefault(layer, {})[component] = t
-    if not found:
-        raise ConvertError(
-            ckpt.path,
-            f"no MoE layers: no '...layers.N.mlp.switch_mlp.*' tensors for {family.model_type}",
-        )
-    layers = []
-    for layer in sorted(found):
-        missing = [c for c in COMPONENTS if c not in found[layer]]
-        if missing:
-            raise ConvertError(
-                ckpt.path, f"layer {layer}: missing {prefixes[layer]}.switch_mlp.{missing[0]}"
-            )
-        layers.append(MoeLayer(layer, prefixes[layer], [found[layer][c] for c in COMPONENTS]))
-
-    components = None
-    for entry in layers:
-        comps = _layer_components(ckpt, entry, num_experts, hidden, inter, where)
+    ``loaded``: the model from ``check_mlx_lm_loads`` (loaded here when not given).
+    """
+    where = ckpt.path / "config.json"
+    check_family(ckpt)
+    if loaded is None:
+        loaded = check_mlx_lm_loads(ckpt.path, ckpt.config)
+    top_k = top_k_of(ckpt.config)
+    if top_k is None:
+        raise ConvertError(where, "config has no positive integer num_experts_per_tok")
+    switches = _switch_modules(loaded.model)
+    if not switches:
+        raise ConvertError(ckpt.path, "no MoE layers: mlx-lm's model has no SwitchGLU/SwitchMLP")
+    unplaced = [path for layer, path, _ in switches if layer is None]
+    if unplaced:
+        raise ConvertError(where, f"cannot tell the decoder layer of expert module {unplaced[0]}")
+    switches.sort(key=lambda s: s[0])
+    layers, components, num_experts, first = [], None, None, None
+    for layer, path, module in switches:
+        if layers and layers[-1].layer == layer:
+            raise ConvertError(where, f"layer {layer} has two expert modules")
+        experts, comps, prefix, tensors = _layer_plan(ckpt, loaded, layer, path, module, where)
         if components is None:
-            components = comps
-        elif comps != components:
+            components, num_experts, first = comps, experts, layer
+        elif comps != components or experts != num_experts:
             raise ConvertError(
                 where,
-                f"layer {entry.layer} has a different expert geometry or quantization than layer "
-                f"{layers[0].layer}; one layout needs one geometry",
+                f"layer {layer} has a different expert geometry or quantization than layer "
+                f"{first}; one layout needs one geometry",
             )
-    assert components is not None
-    expert_bytes = sum(c.nbytes for c in components)
+        layers.append(MoeLayer(layer, prefix, tensors))
+    assert components is not None and num_experts is not None
+    if top_k > num_experts:
+        raise ConvertError(where, f"num_experts_per_tok {top_k} > num_experts {num_experts}")
+    version = record_version(components)
+    if version == 1 and all(e.prefix.endswith(V1_MODULE) for e in layers):
+        for e in layers:
+            e.prefix = e.prefix.removesuffix(V1_MODULE)
+    else:
+        version = 2
+    used = {t.name for e in layers for t in e.tensors}
+    dense = [ckpt.tensors[k] for k in sorted(ckpt.tensors) if k not in used]
     return ExpertPlan(
-        family.model_type, num_experts, top_k, components, expert_bytes, layers, dense
+        ckpt.config["model_type"],
+        num_experts,
+        top_k,
+        components,
+        sum(c.nbytes for c in components),
+        layers,
+        dense,
+        version,
     )

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import mlx.nn as nn
 
 from .errors import ConvertError
 
@@ -68,13 +71,61 @@ def _check_quantization(config: dict, where: Path) -> None:
             raise ConvertError(where, f"quantization[{k!r}] must be an object or a boolean")
 
 
-def check_mlx_lm_loads(src: Path, config: dict) -> None:
-    """ConvertError naming ``src/config.json`` if mlx-lm cannot load the checkpoint ``src``."""
+@dataclass
+class LoadedModel:
+    """mlx-lm's model of a checkpoint (lazy: no weight evaluated) and where its weights come from."""
+
+    model: nn.Module
+    # model parameter name -> the checkpoint tensor it is, or None where mlx-lm's ``sanitize``
+    # made it from other tensors (stacked per-expert tensors, a cast, a transpose...)
+    sources: dict[str, str | None]
+
+
+def mlx_lm_module(config: dict) -> str:
+    """The mlx-lm model module (``mlx_lm/models/<name>.py``) that builds ``config``'s model,
+    mapped as mlx-lm maps model types; the model type itself if mlx-lm has none."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, _ = _get_classes(config)
+    except Exception:  # mlx-lm raises ValueError for an unknown type, others for odd configs
+        return str(config.get("model_type"))
+    return model_class.__module__.rsplit(".", 1)[-1]
+
+
+def _probing_classes(sources: dict):
+    """``get_model_classes`` for ``load_model`` that records what ``sanitize`` did to each key."""
+    from mlx_lm.utils import _get_classes
+
+    def get_classes(config: dict):
+        model_class, args_class = _get_classes(config)
+        has_own = hasattr(model_class, "sanitize")
+
+        class Probe(model_class):
+            def sanitize(self, weights):
+                originals = dict(weights)  # holds every array, so no id below is reused
+                by_id = {id(v): k for k, v in originals.items()}
+                out = super().sanitize(weights) if has_own else weights
+                sources.update({k: by_id.get(id(v)) for k, v in out.items()})
+                return out
+
+        Probe.__name__ = model_class.__name__
+        return Probe, args_class
+
+    return get_classes
+
+
+def check_mlx_lm_loads(src: Path, config: dict) -> LoadedModel:
+    """mlx-lm's lazily loaded model of the checkpoint ``src``; ConvertError naming
+    ``src/config.json`` if mlx-lm cannot load it."""
     from mlx_lm.utils import load_model, load_tokenizer
 
     _check_quantization(config, src / "config.json")
+    sources: dict[str, str | None] = {}
     try:
-        load_model(src, lazy=True, strict=True)
+        model, _ = load_model(
+            src, lazy=True, strict=True, get_model_classes=_probing_classes(sources)
+        )
         with _quiet_transformers():
             load_tokenizer(src)  # transformers reads config.json too, with its own type checks
     except Exception as e:  # mlx-lm raises ValueError, TypeError, KeyError, ZeroDivisionError...
@@ -82,3 +133,4 @@ def check_mlx_lm_loads(src: Path, config: dict) -> None:
             src / "config.json",
             f"mlx-lm cannot load this checkpoint ({type(e).__name__}: {_one_line(e)})",
         ) from None
+    return LoadedModel(model, sources)

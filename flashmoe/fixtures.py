@@ -153,6 +153,12 @@ def write_tokenizer(path: Path, vocab_size: int = 512) -> None:
     )
 
 
+def _random_if_zero(_, v: mx.array) -> mx.array:
+    if mx.issubdtype(v.dtype, mx.floating) and v.size and not mx.any(v).item():
+        return (0.5 * mx.random.normal(v.shape)).astype(v.dtype)
+    return v
+
+
 @contextmanager
 def _shard_size(max_bytes: int):
     """Make mlx-lm's save_model shard every ``max_bytes`` (its greedy rule, in bytes not GiB)."""
@@ -179,8 +185,11 @@ def make_checkpoint(
     path: str | Path,
     family: str = "qwen3_5_moe",
     *,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = 4,
+    group_size: int | None = 64,
+    mode: str = "affine",
+    global_scale: bool = False,
+    randomize_zeros: bool = False,
     dtype: str = "bfloat16",
     shard_bytes: int = 256 * 1024,
     seed: int = 0,
@@ -191,7 +200,10 @@ def make_checkpoint(
 
     ``family`` is one of FAMILY_CONFIGS (``qwen3_5_moe_flat`` = qwen3_5_moe with ``model.layers.N``
     keys and a flat config). ``config`` overrides the tiny default config entirely;
-    ``config_kwargs`` go to ``tiny_text_config``.
+    ``config_kwargs`` go to ``tiny_text_config``. ``mode``/``global_scale`` as in
+    ``mlx_lm.convert --q-mode`` (``bits``/``group_size`` None: the mode's defaults).
+    ``randomize_zeros``: draw every all-zero float parameter (routers and score biases that
+    mlx-lm initialises to zeros, expert linear biases) at random, so that tokens route apart.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -210,11 +222,15 @@ def make_checkpoint(
         return v
 
     model.update(tree_map_with_path(set_dtype, model.parameters()))
+    if randomize_zeros:
+        model.update(tree_map_with_path(_random_if_zero, model.parameters()))
     import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
-        model, config = lm_utils.quantize_model(model, config, group_size, bits)
+        model, config = lm_utils.quantize_model(
+            model, config, group_size, bits, mode=mode, global_scale=global_scale
+        )
     mx.eval(model.parameters())
 
     if family == "qwen3_5_moe_flat":

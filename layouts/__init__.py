@@ -4,11 +4,12 @@ Imports nothing else of flashmoe.
 """
 
 from .errors import LayoutError
-from .families import COMPONENTS, FAMILIES, family_for, text_config
+from .families import COMPONENTS, FAMILIES, family_named, text_config
 from .hfcache import CacheSnapshot, blob_sha256, cache_snapshot
 from .index import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    READ_VERSIONS,
     Component,
     FileEntry,
     Index,
@@ -44,6 +45,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_FILE",
     "MAX_SPLIT",
+    "READ_VERSIONS",
     "TOKENIZER_FILES",
     "CacheSnapshot",
     "Component",
@@ -54,7 +56,7 @@ __all__ = [
     "blob_sha256",
     "cache_snapshot",
     "copied_files",
-    "family_for",
+    "family_named",
     "layer_file",
     "listed_files",
     "lists_tokenizer",

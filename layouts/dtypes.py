@@ -37,8 +37,8 @@ DTYPES: dict[str, DType] = {
 SIZES: dict[str, int] = {name: d.size for name, d in DTYPES.items()}
 
 # The dtypes an expert component may have in a layout's index (FORMAT.md [R7]): packed weights
-# are U32, scales and biases keep the source's float dtype.
-COMPONENT_DTYPES: tuple[str, ...] = ("U32", "BF16", "F16", "F32")
+# are U32, scales and biases keep the source's float dtype; the fp modes' scales are U8 (version 2).
+COMPONENT_DTYPES: tuple[str, ...] = ("U32", "U8", "BF16", "F16", "F32")
 
 
 def numpy_dtype(name: str):

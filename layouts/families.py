@@ -1,37 +1,117 @@
-"""Per-family tensor naming: where a checkpoint keeps its stacked routed experts."""
+"""Per-family facts: which mlx-lm model types flashmoe streams, and how an expert record is laid out."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-# The nine tensors of one expert, in record order. This order is part of the format.
+# The nine tensors of one expert of a version-1 layout, in record order (affine SwitchGLU).
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 COMPONENTS = tuple(f"{p}.{q}" for p in PROJECTIONS for q in PARTS)
 
+# Version 2: a record holds, per projection in this order, the parts it has in this order.
+# SwitchGLU projections, then SwitchMLP ones (a layout has one of the two sets).
+GLU_PROJECTIONS = PROJECTIONS
+MLP_PROJECTIONS = ("fc1", "fc2")
+RECORD_PARTS = ("weight", "scales", "biases", "global_scale", "bias")
+
+# Quantization modes of mlx's quantize / gather_qmm: allowed bits and group sizes (None: any > 0).
+MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {
+    "affine": ((2, 3, 4, 5, 6, 8), None),
+    "mxfp4": ((4,), (32,)),
+    "mxfp8": ((8,), (32,)),
+    "nvfp4": ((4,), (16,)),
+}
+
+
+def record_parts(mode: str, *, global_scale: bool = False, bias: bool = False) -> tuple[str, ...]:
+    """The parts one projection stores in a record, in order, for a quantization ``mode``."""
+    parts = ["weight", "scales"]
+    if mode == "affine":
+        parts.append("biases")
+    if global_scale:
+        parts.append("global_scale")
+    if bias:
+        parts.append("bias")
+    return tuple(parts)
+
 
 @dataclass(frozen=True)
 class Family:
-    model_type: str
-    # Regex over checkpoint keys; group "prefix" is everything before ".switch_mlp",
-    # group "layer" the decoder layer index.
-    expert_key: re.Pattern
-    tested: bool
+    """An mlx-lm model module (``mlx_lm/models/<name>.py``) whose experts go through SwitchGLU/MLP."""
+
+    name: str
+    supported: bool
+    why: str = ""  # supported: what is special about it; refused: why (one line)
 
 
-_SWITCH_MLP = re.compile(
-    r"^(?P<prefix>(?:language_model\.)?model\.layers\.(?P<layer>\d+)\.mlp)"
-    r"\.switch_mlp\.(?P<component>(?:gate|up|down)_proj\.(?:weight|scales|biases))$"
-)
+def _ok(name: str, why: str = "") -> Family:
+    return Family(name, True, why)
 
-# Families whose mlx-lm model stacks routed experts in a SwitchGLU at
-# `...layers.N.mlp.switch_mlp` with no expert biases.
+
+def _no(name: str, why: str) -> Family:
+    return Family(name, False, why)
+
+
+_UNTESTED = "not tested with flashmoe yet (no tiny checkpoint of it has been run bit-identically)"
+
+# Every mlx-lm model module whose experts are a SwitchGLU or SwitchMLP (tests/test_families.py
+# derives its cases from the installed mlx-lm and fails on a module missing here), plus the
+# modules that reuse another's MoE block. Keyed by module name: config model types are mapped
+# to it the way mlx-lm maps them (MODEL_REMAPPING: kimi_k2 -> deepseek_v3, minimax_m2 -> minimax).
 FAMILIES: dict[str, Family] = {
-    "qwen3_5_moe": Family("qwen3_5_moe", _SWITCH_MLP, tested=True),
-    "qwen3_moe": Family("qwen3_moe", _SWITCH_MLP, tested=True),
-    "qwen3_next": Family("qwen3_next", _SWITCH_MLP, tested=True),
+    f.name: f
+    for f in (
+        _ok("qwen3_5_moe", "Qwen3.5 MoE; text model of a multimodal config"),
+        _ok("qwen3_moe"),
+        _ok("qwen3_next"),
+        _no("Klear", _UNTESTED),
+        _no("afmoe", _UNTESTED),
+        _no("bailing_hybrid", _UNTESTED),
+        _no("bailing_moe", _UNTESTED),
+        _no("bailing_moe_linear", _UNTESTED),
+        _no("bailing_moe_v3", _UNTESTED),
+        _no("deepseek", _UNTESTED),
+        _no("deepseek_v2", _UNTESTED),
+        _no("deepseek_v3", _UNTESTED),
+        _no("deepseek_v32", _UNTESTED),
+        _no("deepseek_v41", _UNTESTED),
+        _no("dots1", _UNTESTED),
+        _no("ernie4_5_moe", _UNTESTED),
+        _no("exaone_moe", _UNTESTED),
+        _no("gemma4_text", _UNTESTED),
+        _no("glm4_moe", _UNTESTED),
+        _no("glm4_moe_lite", _UNTESTED),
+        _no("gpt_oss", _UNTESTED),
+        _no("granitemoe", _UNTESTED),
+        _no("granitemoehybrid", _UNTESTED),
+        _no("hunyuan", _UNTESTED),
+        _no("jamba", _UNTESTED),
+        _no("kimi_k3", _UNTESTED),
+        _no("kimi_linear", _UNTESTED),
+        _no("laguna", _UNTESTED),
+        _no("lfm2_moe", _UNTESTED),
+        _no("llama4", _UNTESTED),
+        _no("longcat_flash", _UNTESTED),
+        _no("mellum", _UNTESTED),
+        _no("mimo_v2_flash", _UNTESTED),
+        _no("minimax", _UNTESTED),
+        _no("minimax_m3_vl", _UNTESTED),
+        _no("mistral4", _UNTESTED),
+        _no("mixtral", _UNTESTED),
+        _no("muse_spark", _UNTESTED),
+        _no("nemotron_h", _UNTESTED),
+        _no("olmoe", _UNTESTED),
+        _no("phimoe", _UNTESTED),
+        _no("phixtral", _UNTESTED),
+        _no("qwen2_moe", _UNTESTED),
+        _no("step3p5", _UNTESTED),
+    )
 }
+
+# Config keys holding the routed experts per token, first match wins.
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts")
 
 
 def text_config(config: dict) -> dict:
@@ -45,19 +125,36 @@ def text_config(config: dict) -> dict:
     return tc
 
 
-def family_for(config: dict) -> Family:
-    """The family of a checkpoint config, or ValueError naming the supported ones."""
-    text_config(config)  # a config (or text_config) that is not an object fails here
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES))
-        raise ValueError(f"unsupported model_type {model_type!r} (supported: {supported})")
-    return FAMILIES[model_type]
+def family_named(module: str, model_type: object) -> Family:
+    """The supported family of mlx-lm module ``module`` (``model_type`` maps to it), or ValueError
+    saying why not."""
+    family = FAMILIES.get(module)
+    alias = "" if module == model_type else f" (mlx-lm model {module})"
+    if family is None:
+        supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.supported))
+        raise ValueError(
+            f"unsupported model_type {model_type!r}{alias}: not a Mixture-of-Experts family "
+            f"flashmoe knows (supported: {supported})"
+        )
+    if not family.supported:
+        raise ValueError(f"unsupported model_type {model_type!r}{alias}: {family.why}")
+    return family
 
 
-def match_expert_key(family: Family, key: str) -> tuple[int, str, str] | None:
-    """``(layer, prefix, component)`` if ``key`` names a stacked expert tensor, else None."""
-    m = family.expert_key.match(key)
-    if m is None:
-        return None
-    return int(m["layer"]), m["prefix"], m["component"]
+def top_k_of(config: dict) -> int | None:
+    """Routed experts per token from a (text) config, if it names them."""
+    tc = text_config(config)
+    for key in TOP_K_KEYS:
+        v = tc.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of_module_path(path: str) -> int | None:
+    """The decoder layer index in an mlx-lm module path like ``...layers.12.mlp.switch_mlp``."""
+    m = _LAYER_IN_PATH.search(path)
+    return int(m.group(1)) if m else None

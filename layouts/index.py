@@ -13,12 +13,20 @@ from pathlib import Path
 
 from .dtypes import COMPONENT_DTYPES, SIZES
 from .errors import LayoutError
-from .families import COMPONENTS, text_config
+from .families import (
+    COMPONENTS,
+    GLU_PROJECTIONS,
+    MLP_PROJECTIONS,
+    MODES,
+    RECORD_PARTS,
+    text_config,
+)
 from .naming import DENSE_FILE, INDEX_FILE, safe_relative_path
 from .plan import MAX_SPLIT, check_alignment, record_size, split_plan
 
 FORMAT_NAME = "flashmoe-layout"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; a record that version 1 can hold is written as 1
+READ_VERSIONS = (1, 2)
 CHECKSUM_ALGORITHM = "sha256"
 
 
@@ -27,8 +35,8 @@ class Component:
     """One of the nine tensors of an expert record."""
 
     name: str  # e.g. "gate_proj.weight"
-    dtype: str  # safetensors dtype: "U32", "BF16", "F16", "F32", ...
-    shape: list[int]  # per-expert shape (the stacked tensor's shape without axis 0)
+    dtype: str  # safetensors dtype: "U32", "U8", "BF16", "F16", "F32"
+    shape: list[int]  # per-expert shape (the stacked tensor's shape without axis 0; [] a scalar)
     offset: int  # byte offset inside the record
     nbytes: int
     bits: int
@@ -136,6 +144,8 @@ def _check_types(index: Index) -> str | None:
     for name in ("num_experts", "top_k", "alignment", "expert_bytes", "record_size"):
         if not _is_int(getattr(index, name)):
             return f"{name} must be an integer"
+    if not _is_int(index.version) or index.version not in READ_VERSIONS:
+        return f"version {index.version!r} is not one of {list(READ_VERSIONS)}"
     if not isinstance(index.config, dict) or not isinstance(index.model_type, str):
         return "config must be an object and model_type a string"
     for c in index.components:
@@ -143,9 +153,7 @@ def _check_types(index: Index) -> str | None:
             return f"component name {c.name!r} must be a string"
         if not isinstance(c.dtype, str) or c.dtype not in DTYPE_SIZES:
             return f"component {c.name!r}: dtype {c.dtype!r} is not one of {sorted(DTYPE_SIZES)}"
-        if not (
-            isinstance(c.shape, list) and c.shape and all(_is_int(d) and d > 0 for d in c.shape)
-        ):
+        if not (isinstance(c.shape, list) and all(_is_int(d) and d > 0 for d in c.shape)):
             return f"component {c.name!r}: shape {c.shape!r} must be a list of positive integers"
         if not (all(_is_int(v) for v in (c.offset, c.nbytes, c.bits, c.group_size))):
             return f"component {c.name!r}: offset, nbytes, bits and group_size must be integers"
@@ -201,6 +209,67 @@ def _check_config(index: Index) -> str | None:
     return None
 
 
+_PART_DTYPES = {
+    "weight": ("U32",),
+    "scales": ("BF16", "F16", "F32"),  # affine; the fp modes store U8 scales
+    "biases": ("BF16", "F16", "F32"),
+    "global_scale": ("F32",),
+    "bias": ("BF16", "F16", "F32"),
+}
+
+
+def record_version(components: list[Component]) -> int:
+    """The oldest format version that can hold a record of ``components``."""
+    v1 = [c.name for c in components] == list(COMPONENTS)
+    return 1 if v1 and all(c.mode == "affine" for c in components) else 2
+
+
+def check_components(components: list[Component], version: int) -> str | None:
+    """Why ``components`` are not a valid record of format ``version`` (FORMAT.md), or None."""
+    names = [c.name for c in components]
+    if version == 1 and names != list(COMPONENTS):
+        return f"components must be {list(COMPONENTS)} in that order, got {names}"
+    projections = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    if projections not in (list(GLU_PROJECTIONS), list(MLP_PROJECTIONS)):
+        return (
+            f"component projections must be {list(GLU_PROJECTIONS)} or {list(MLP_PROJECTIONS)} "
+            f"in that order, got {projections}"
+        )
+    for proj in projections:
+        mine = [c for c in components if c.name.rpartition(".")[0] == proj]
+        parts = [c.name.rpartition(".")[2] for c in mine]
+        head = mine[0]
+        bits, sizes = MODES.get(head.mode, ((), ()))
+        if (
+            head.bits not in bits
+            or not head.group_size > 0
+            or (sizes is not None and head.group_size not in sizes)
+            or (version == 1 and head.mode != "affine")
+        ):
+            return (
+                f"component {head.name}: quantization mode={head.mode!r} bits={head.bits} "
+                f"group_size={head.group_size} is not supported"
+            )
+        want = [p for p in RECORD_PARTS if p in ("weight", "scales") or p in parts]
+        has_biases = "biases" in parts
+        if (
+            parts != want
+            or has_biases != (head.mode == "affine")
+            or ("global_scale" in parts and head.mode != "nvfp4")
+        ):
+            return f"{proj} parts {parts} are not those of mode {head.mode!r} in record order"
+        for c in mine:
+            part = c.name.rpartition(".")[2]
+            if (c.bits, c.group_size, c.mode) != (head.bits, head.group_size, head.mode):
+                return f"component {c.name}: quantization differs from {head.name}"
+            dtypes = _PART_DTYPES[part]
+            if part == "scales" and c.mode != "affine":
+                dtypes = ("U8",)
+            if c.dtype not in dtypes or (part == "global_scale") != (c.shape == []):
+                return f"component {c.name}: dtype {c.dtype} or shape {c.shape} is wrong for it"
+    return None
+
+
 def validate(index: Index, where: str) -> None:
     """Check the index's types and internal consistency; raise LayoutError naming ``where``."""
 
@@ -216,16 +285,11 @@ def validate(index: Index, where: str) -> None:
         raise bad(str(e)) from None
     if index.record_size != record_size(index.expert_bytes, index.alignment):
         raise bad(f"record_size {index.record_size} is not expert_bytes rounded to alignment")
-    names = [c.name for c in index.components]
-    if names != list(COMPONENTS):
-        raise bad(f"components must be {list(COMPONENTS)} in that order, got {names}")
+    problem = check_components(index.components, index.version)
+    if problem:
+        raise bad(problem)
     offset = 0
     for c in index.components:
-        if c.mode != "affine" or c.bits not in (2, 3, 4, 5, 6, 8) or c.group_size <= 0:
-            raise bad(
-                f"component {c.name}: quantization mode={c.mode!r} bits={c.bits} "
-                f"group_size={c.group_size} is not supported (affine, 2-8 bits)"
-            )
         if c.offset != offset or c.nbytes <= 0:
             raise bad(f"component {c.name} has offset {c.offset}, expected {offset}")
         if math.prod(c.shape) * DTYPE_SIZES[c.dtype] != c.nbytes:
@@ -274,10 +338,11 @@ def read_index(root: str | os.PathLike) -> Index:
         raise LayoutError(f"{path}: unreadable index ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise LayoutError(f"{path}: not a {FORMAT_NAME} index")
-    if not _is_int(raw.get("version")) or raw.get("version") != FORMAT_VERSION:
+    if not _is_int(raw.get("version")) or raw.get("version") not in READ_VERSIONS:
         raise LayoutError(
             f"{path}: format version {raw.get('version')!r} is not supported "
-            f"(this flashmoe reads version {FORMAT_VERSION})"
+            f"(this flashmoe reads versions {', '.join(map(str, READ_VERSIONS))}; a newer "
+            "flashmoe wrote it, or it is damaged)"
         )
     try:
         index = Index.from_dict(raw)

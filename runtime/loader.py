@@ -6,7 +6,6 @@ import atexit
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from ..cli import error_line
@@ -30,6 +29,7 @@ from ..layouts import (
     read_index,
     text_config,
 )
+from ..layouts.families import layer_of_module_path
 from ..metal.memory import GiB, physical_memory, set_limits
 from .reader import make_reader
 from .sizing import kv_cache_bytes, slots_for_budget
@@ -140,26 +140,18 @@ def _listed_view(root: Path, index: Index) -> Path:
     return view
 
 
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _layer_of_module_path(path: str) -> int | None:
-    """The decoder layer index in an mlx-lm module path like ``...layers.12.mlp.switch_mlp``."""
-    m = _LAYER_IN_PATH.search(path)
-    return int(m.group(1)) if m else None
-
-
 def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
-    """Replace every SwitchGLU child in ``model`` by ``make(path, layer, glu)``; return (parent, layer)."""
+    """Replace every SwitchGLU / SwitchMLP child in ``model`` by ``make(layer, module)``; return
+    (parent, layer)."""
     found = []
     for path, module in model.named_modules():
         for name, child in module.children().items():
-            if isinstance(child, SwitchGLU):
+            if isinstance(child, (SwitchGLU, SwitchMLP)):
                 child_path = f"{path}.{name}" if path else name
                 found.append((module, name, child, child_path))
     swapped = []
     for parent, name, glu, child_path in found:
-        layer = _layer_of_module_path(child_path)
+        layer = layer_of_module_path(child_path)
         if layer is None:
             raise LayoutError(f"cannot tell the layer of MoE module {child_path}")
         setattr(parent, name, make(layer, glu))

@@ -25,26 +25,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU
 
+from .experts_binding import bind_bank
 from .store import ExpertStore, Pending
-
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _bank_linear(arrays: dict[str, mx.array], proj: str, comp) -> QuantizedSwitchLinear:
-    """A QuantizedSwitchLinear over existing bank arrays (its __init__ would draw random weights)."""
-    layer = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
-    nn.Module.__init__(layer)
-    layer.group_size = comp.group_size
-    layer.bits = comp.bits
-    layer.mode = comp.mode
-    layer.weight = arrays[f"{proj}.weight"]
-    layer.scales = arrays[f"{proj}.scales"]
-    layer.biases = arrays.get(f"{proj}.biases")
-    layer.global_scale = None
-    layer.freeze()
-    return layer
 
 
 class _Compute:
@@ -74,7 +58,10 @@ def link_next_layers(parents: list[tuple[nn.Module, int]]) -> None:
         gate, top_k = getattr(after, "gate", None), getattr(after, "top_k", None)
         found = [streaming_of(m) for m in block.children().values()]
         stream = next((m for m in found if m is not None), None)
-        if stream is not None and callable(gate) and isinstance(top_k, int):
+        # only a plain linear router gives logits to guess from (DeepSeek-style gates return
+        # (ids, weights) and need their own state)
+        linear = isinstance(gate, (nn.Linear, nn.QuantizedLinear))
+        if stream is not None and linear and isinstance(top_k, int):
             stream.next_layer = NextLayer(layer, gate, top_k)
 
 
@@ -92,10 +79,7 @@ class StreamingSwitchGLU(nn.Module):
         super().__init__()
         self.layer = layer
         self._store = store
-        arrays = store.arrays(layer)
-        for proj in PROJECTIONS:
-            comp = store.index.component(f"{proj}.weight")
-            setattr(original, proj, _bank_linear(arrays, proj, comp))
+        bind_bank(original, store.index.components, store.arrays(layer))
         self._original = _Compute(original)
         self.next_layer: NextLayer | None = None
 
