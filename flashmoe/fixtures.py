@@ -155,7 +155,9 @@ def write_tokenizer(path: Path, vocab_size: int = 512) -> None:
 
 def _random_if_zero(_, v: mx.array) -> mx.array:
     if mx.issubdtype(v.dtype, mx.floating) and v.size and not mx.any(v).item():
-        return (0.5 * mx.random.normal(v.shape)).astype(v.dtype)
+        # a router's logits spread over ~1, score-correction biases well below that
+        scale = v.shape[-1] ** -0.5 if v.ndim > 1 else 0.01
+        return (scale * mx.random.normal(v.shape)).astype(v.dtype)
     return v
 
 

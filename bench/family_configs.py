@@ -1,0 +1,97 @@
+"""Tiny configs of mlx-lm's MoE families, for random-weight test checkpoints (``make_checkpoint``).
+
+A config is built from the family's own ``ModelArgs``: every field named in ``SMALL`` gets that
+small value, the rest keep mlx-lm's defaults, and ``OVERRIDES`` adds what a family needs besides
+(required fields, nested text configs, layer patterns). Three decoder layers: families with dense
+first layers get one dense layer and two MoE layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+SMALL: dict[str, object] = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 16,
+    "n_routed_experts": 16,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "shared_expert_intermediate_size": 64,
+    "shared_intermediate_size": 64,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "use_qk_norm": True,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "partial_rotary_factor": 0.5,
+    "rotary_dim": 8,
+    "sliding_window": 16,
+}
+
+OVERRIDES: dict[str, dict] = {
+    "gpt_oss": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "llama4": {
+        "text_config": {
+            "attention_bias": False,
+            "attention_chunk_size": 16,
+            "head_dim": 16,
+            "hidden_size": 64,
+            "interleave_moe_layer_step": 2,
+            "intermediate_size": 64,
+            "intermediate_size_mlp": 128,
+            "max_position_embeddings": 4096,
+            "model_type": "llama4_text",
+            "num_attention_heads": 4,
+            "num_experts_per_tok": 1,
+            "num_hidden_layers": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 16,
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": None,
+            "rope_theta": 500000.0,
+            "use_qk_norm": True,
+            "vocab_size": 512,
+            "no_rope_layers": [1, 1, 1, 0],
+        }
+    },
+}
+
+# config model types that mlx-lm maps to another module (MODEL_REMAPPING), tested as such
+ALIASES = {"kimi_k2": "deepseek_v3", "minimax_m2": "minimax", "joyai_llm_flash": "deepseek_v3"}
+
+
+def tiny_config(name: str) -> dict:
+    """A tiny ``config.json`` for mlx-lm module ``name`` (or an alias in ALIASES)."""
+    from .checkpoints import FAMILY_CONFIGS, tiny_text_config
+
+    if name in FAMILY_CONFIGS:
+        return tiny_text_config(name, hidden=64, moe_intermediate=64, num_experts=16, top_k=2)
+    module = ALIASES.get(name, name)
+    args = importlib.import_module(f"mlx_lm.models.{module}").ModelArgs
+    config: dict = {"model_type": name}
+    for f in dataclasses.fields(args):
+        if f.name in SMALL:
+            config[f.name] = SMALL[f.name]
+    config.update(OVERRIDES.get(module, {}))
+    return config
