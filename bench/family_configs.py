@@ -49,7 +49,70 @@ SMALL: dict[str, object] = {
     "sliding_window": 16,
 }
 
+_SWA = ["sliding_attention", "full_attention", "sliding_attention"]
+
 OVERRIDES: dict[str, dict] = {
+    "Klear": {"mlp_only_layers": [], "decoder_sparse_step": 1},
+    "afmoe": {"layer_types": _SWA, "num_dense_layers": 1, "num_shared_experts": 1},
+    "bailing_moe": {"num_shared_experts": 1},
+    "bailing_moe_linear": {"num_shared_experts": 1, "layer_group_size": 2, "group_norm_size": 1},
+    "bailing_hybrid": {"num_shared_experts": 1, "layer_group_size": 2, "group_norm_size": 1},
+    "ernie4_5_moe": {
+        "use_bias": False,
+        "moe_num_experts": 16,
+        "moe_k": 2,
+        "moe_layer_start_index": 1,
+        "moe_num_shared_experts": 1,
+    },
+    "deepseek_v2": {"rope_scaling": {"type": "yarn", "factor": 1.0}},
+    "granitemoe": {
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 4.0,
+        "residual_multiplier": 0.5,
+    },
+    "granitemoehybrid": {
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 4.0,
+        "residual_multiplier": 0.5,
+        "layer_types": ["mamba", "attention", "mamba"],
+        "mamba_n_heads": 8,
+        "mamba_d_head": 16,
+        "mamba_proj_bias": False,
+        "mamba_d_state": 16,
+        "mamba_d_conv": 4,
+        "mamba_n_groups": 1,
+        "mamba_conv_bias": True,
+    },
+    "hunyuan": {
+        "moe_topk": 2,
+        "num_shared_expert": 1,
+        "use_mixed_mlp_moe": True,
+        "use_cla": False,
+        "cla_share_factor": 2,
+        "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"},
+    },
+    "mellum": {
+        "layer_types": _SWA,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
+    "step3p5": {
+        "num_attention_groups": 2,
+        "moe_num_experts": 16,
+        "moe_top_k": 2,
+        "share_expert_dim": 64,
+        "moe_layers_enum": "1,2",
+        "layer_types": _SWA,
+    },
+    "exaone_moe": {
+        "num_shared_experts": 1,
+        "layer_types": _SWA,
+        "is_moe_layer": [False, True, True],
+    },
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     "llama4": {
         "text_config": {
