@@ -108,6 +108,67 @@ OVERRIDES: dict[str, dict] = {
         "moe_layers_enum": "1,2",
         "layer_types": _SWA,
     },
+    "mistral4": {
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "llama_4_scaling_beta": 0.1,
+            "original_max_position_embeddings": 4096,
+        },
+    },
+    "lfm2_moe": {
+        "use_expert_bias": True,
+        "num_dense_layers": 1,
+        "norm_eps": 1e-5,
+        "conv_bias": False,
+        "conv_L_cache": 3,
+        "layer_types": ["conv", "full_attention", "conv"],
+    },
+    "jamba": {
+        "attn_layer_offset": 1,
+        "attn_layer_period": 2,
+        "expert_layer_offset": 1,
+        "expert_layer_period": 2,
+        "mamba_d_conv": 4,
+        "mamba_d_state": 16,
+        "mamba_expand": 2,
+    },
+    "nemotron_h": {
+        "hybrid_override_pattern": ["M", "E", "*", "E"],
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "mamba_proj_bias": False,
+        "ssm_state_size": 16,
+        "conv_kernel": 4,
+        "n_groups": 1,
+        "mlp_bias": False,
+        "layer_norm_epsilon": 1e-5,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "moe_shared_expert_intermediate_size": 64,
+    },
+    "kimi_linear": {
+        "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16},
+        "model_max_length": 4096,
+        "num_experts_per_token": 2,
+        "num_shared_experts": 1,
+    },
+    "gemma4_text": {
+        "global_head_dim": 32,
+        "vocab_size_per_layer_input": 512,
+        "num_kv_shared_layers": 0,
+        "hidden_size_per_layer_input": 16,
+        "enable_moe_block": True,
+        "top_k_experts": 2,
+        "layer_types": _SWA,
+    },
+    "minimax_m3_vl": {
+        "text_config": {
+            "dense_intermediate_size": 128,
+            "intermediate_size": 64,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        }
+    },
     "exaone_moe": {
         "num_shared_experts": 1,
         "layer_types": _SWA,
@@ -116,26 +177,26 @@ OVERRIDES: dict[str, dict] = {
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     "llama4": {
         "text_config": {
-            "attention_bias": False,
             "attention_chunk_size": 16,
-            "head_dim": 16,
-            "hidden_size": 64,
             "interleave_moe_layer_step": 2,
             "intermediate_size": 64,
             "intermediate_size_mlp": 128,
-            "max_position_embeddings": 4096,
             "model_type": "llama4_text",
-            "num_attention_heads": 4,
             "num_experts_per_tok": 1,
             "num_hidden_layers": 4,
-            "num_key_value_heads": 2,
-            "num_local_experts": 16,
-            "rms_norm_eps": 1e-5,
-            "rope_scaling": None,
-            "rope_theta": 500000.0,
-            "use_qk_norm": True,
-            "vocab_size": 512,
             "no_rope_layers": [1, 1, 1, 0],
+        }
+    },
+    "kimi_k3": {
+        "text_config": {
+            "linear_attn_config": {
+                "kda_layers": [1, 3],
+                "num_heads": 4,
+                "head_dim": 16,
+                "short_conv_kernel_size": 4,
+            },
+            "num_experts_per_token": 2,
+            "num_shared_experts": 1,
         }
     },
 }
@@ -151,10 +212,15 @@ def tiny_config(name: str) -> dict:
     if name in FAMILY_CONFIGS:
         return tiny_text_config(name, hidden=64, moe_intermediate=64, num_experts=16, top_k=2)
     module = ALIASES.get(name, name)
-    args = importlib.import_module(f"mlx_lm.models.{module}").ModelArgs
-    config: dict = {"model_type": name}
-    for f in dataclasses.fields(args):
-        if f.name in SMALL:
-            config[f.name] = SMALL[f.name]
-    config.update(OVERRIDES.get(module, {}))
+    classes = importlib.import_module(f"mlx_lm.models.{module}")
+    overrides = dict(OVERRIDES.get(module, {}))
+    config: dict = {"model_type": name, **_small(classes.ModelArgs)}
+    if hasattr(classes, "TextArgs"):  # a multimodal config: the language model is nested
+        text = {**_small(classes.TextArgs), **overrides.pop("text_config", {})}
+        config["text_config"] = text
+    config.update(overrides)
     return config
+
+
+def _small(args_class) -> dict:
+    return {f.name: SMALL[f.name] for f in dataclasses.fields(args_class) if f.name in SMALL}
