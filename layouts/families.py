@@ -54,8 +54,6 @@ def _no(name: str, why: str) -> Family:
     return Family(name, False, why)
 
 
-_UNTESTED = "not tested with flashmoe yet (no tiny checkpoint of it has been run bit-identically)"
-
 # Every mlx-lm model module whose experts are a SwitchGLU or SwitchMLP (tests/test_families.py
 # derives its cases from the installed mlx-lm and fails on a module missing here), plus the
 # modules that reuse another's MoE block. Keyed by module name: config model types are mapped
@@ -76,7 +74,7 @@ FAMILIES: dict[str, Family] = {
         _ok("deepseek_v2"),
         _ok("deepseek_v3", "DeepSeek-V3/R1, Kimi-K2: dense first layers, shared experts"),
         _ok("deepseek_v32"),
-        _no("deepseek_v41", _UNTESTED),
+        _ok("deepseek_v41"),
         _ok("dots1", "dense first layers, experts under mlp.experts"),
         _ok("ernie4_5_moe", "MoE from moe_layer_start_index"),
         _ok("exaone_moe", "per-layer is_moe_layer"),
@@ -93,18 +91,23 @@ FAMILIES: dict[str, Family] = {
         _ok("laguna"),
         _ok("lfm2_moe", "conv hybrid, dense first layers"),
         _ok("llama4", "MoE every other layer (interleave_moe_layer_step), nested text_config"),
-        _no("longcat_flash", _UNTESTED),
+        _ok("longcat_flash", "zero (identity) experts routed to expert 0 with weight 0"),
         _ok("mellum"),
-        _no("mimo_v2_flash", _UNTESTED),
+        _ok("mimo_v2_flash", "sliding-window hybrid, dense first layers"),
         _ok("minimax", "MiniMax-M2; experts under block_sparse_moe"),
         _ok("minimax_m3_vl", "text model of a multimodal config; dense and sparse layers"),
         _ok("mistral4", "dense first layers, shared experts"),
         _ok("mixtral", "experts under block_sparse_moe"),
-        _no("muse_spark", _UNTESTED),
+        _no(
+            "muse_spark",
+            "mlx-lm keeps the experts of its first and last layers unquantized, and a layout "
+            "holds one expert geometry (the others are quantized); its experts also hold a norm "
+            "(experts.post_expert_norm) that flashmoe does not stream",
+        ),
         _ok("nemotron_h", "SwitchMLP experts (fc1/fc2), Mamba hybrid"),
         _ok("olmoe"),
         _ok("phimoe"),
-        _no("phixtral", _UNTESTED),
+        _ok("phixtral", "SwitchMLP experts with biases, transformer.h.N keys"),
         _ok("qwen2_moe", "shared expert"),
         _ok("step3p5", "MoE layers from moe_layers_enum"),
     )
@@ -158,7 +161,8 @@ def top_k_of(config: dict) -> int | None:
     return None
 
 
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# mlx-lm names the decoder layer list ``layers`` (phixtral: ``transformer.h``)
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 def layer_of_module_path(path: str) -> int | None:
