@@ -30,7 +30,7 @@ from ..verify import spot_check_layout
 from .card import model_card
 from .errors import ConvertError
 from .fileio import finish, open_for_write, os_error, pwrite_full
-from .geometry import ExpertPlan, check_family, plan_experts
+from .geometry import ExpertPlan, check_family, plan_experts, unused_summary
 from .lock import output_lock
 from .model_check import check_mlx_lm_loads
 from .safetensors_source import INDEX_JSON, Checkpoint, open_checkpoint
@@ -348,6 +348,12 @@ def convert_checkpoint(
     ckpt = open_checkpoint(source.path)
     check_family(ckpt)  # before the costlier mlx-lm load
     plan = plan_experts(ckpt, check_mlx_lm_loads(source.path, ckpt.config))
+    if plan.unused and progress:
+        print(
+            f"flashmoe-convert: leaving out {len(plan.unused)} tensors that mlx-lm's "
+            f"{plan.model_type} model does not load: {unused_summary(plan.unused)}",
+            file=sys.stderr,
+        )
     aux = aux_files(source.path)
     source_block = {
         "repo_id": source.repo_id,

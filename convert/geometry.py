@@ -9,7 +9,7 @@ copied byte-exact and is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchMLP
@@ -39,8 +39,9 @@ class ExpertPlan:
     components: list[Component]
     expert_bytes: int
     layers: list[MoeLayer]
-    dense: list[TensorInfo]  # every other tensor, sorted by name
+    dense: list[TensorInfo]  # every other tensor mlx-lm uses, sorted by name
     version: int = 1  # the layout format version the records need
+    unused: list[str] = field(default_factory=list)  # tensors left out: mlx-lm discards them
 
     def record_size(self, alignment: int) -> int:
         return record_size(self.expert_bytes, alignment)
@@ -192,8 +193,8 @@ def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertP
             e.prefix = e.prefix.removesuffix(V1_MODULE)
     else:
         version = 2
-    used = {t.name for e in layers for t in e.tensors}
-    dense = [ckpt.tensors[k] for k in sorted(ckpt.tensors) if k not in used]
+    left_out = {t.name for e in layers for t in e.tensors} | set(loaded.unused)
+    dense = [ckpt.tensors[k] for k in sorted(ckpt.tensors) if k not in left_out]
     return ExpertPlan(
         ckpt.config["model_type"],
         num_experts,
@@ -203,4 +204,17 @@ def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertP
         layers,
         dense,
         version,
+        loaded.unused,
     )
+
+
+def unused_summary(names: list[str]) -> str:
+    """``vision_tower (245), model.layers.61 (12)``: tensor counts by top-level module (by layer
+    under ``model``/``language_model``)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")
+        depth = 3 if parts[0] in ("model", "language_model") else 1
+        key = ".".join(parts[:depth])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n})" for k, n in counts.items())

@@ -79,6 +79,9 @@ class LoadedModel:
     # model parameter name -> the checkpoint tensor it is, or None where mlx-lm's ``sanitize``
     # made it from other tensors (stacked per-expert tensors, a cast, a transpose...)
     sources: dict[str, str | None]
+    # checkpoint tensors mlx-lm's ``sanitize`` discards (a vision tower, MTP layers), where it
+    # is sure: sanitize only renamed and discarded, and gives the same result without them
+    unused: list[str]
 
 
 def mlx_lm_module(config: dict) -> str:
@@ -93,7 +96,7 @@ def mlx_lm_module(config: dict) -> str:
     return model_class.__module__.rsplit(".", 1)[-1]
 
 
-def _probing_classes(sources: dict):
+def _probing_classes(sources: dict, unused: list):
     """``get_model_classes`` for ``load_model`` that records what ``sanitize`` did to each key."""
     from mlx_lm.utils import _get_classes
 
@@ -103,10 +106,19 @@ def _probing_classes(sources: dict):
 
         class Probe(model_class):
             def sanitize(self, weights):
+                def run(w: dict) -> dict:
+                    return super(Probe, self).sanitize(w) if has_own else w
+
                 originals = dict(weights)  # holds every array, so no id below is reused
                 by_id = {id(v): k for k, v in originals.items()}
-                out = super().sanitize(weights) if has_own else weights
+                out = run(weights)
                 sources.update({k: by_id.get(id(v)) for k, v in out.items()})
+                used = set(sources.values())
+                if None not in used:
+                    discarded = [k for k in originals if k not in used]
+                    again = run({k: v for k, v in originals.items() if k in used})
+                    if discarded and again.keys() == out.keys():
+                        unused.extend(sorted(discarded))
                 return out
 
         Probe.__name__ = model_class.__name__
@@ -122,9 +134,10 @@ def check_mlx_lm_loads(src: Path, config: dict) -> LoadedModel:
 
     _check_quantization(config, src / "config.json")
     sources: dict[str, str | None] = {}
+    unused: list[str] = []
     try:
         model, _ = load_model(
-            src, lazy=True, strict=True, get_model_classes=_probing_classes(sources)
+            src, lazy=True, strict=True, get_model_classes=_probing_classes(sources, unused)
         )
         with _quiet_transformers():
             load_tokenizer(src)  # transformers reads config.json too, with its own type checks
@@ -133,4 +146,4 @@ def check_mlx_lm_loads(src: Path, config: dict) -> LoadedModel:
             src / "config.json",
             f"mlx-lm cannot load this checkpoint ({type(e).__name__}: {_one_line(e)})",
         ) from None
-    return LoadedModel(model, sources)
+    return LoadedModel(model, sources, unused)

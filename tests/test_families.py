@@ -102,3 +102,32 @@ def test_per_expert_source_tensors_are_refused(layout, tmp_path):
         convert_checkpoint(per_expert, tmp_path / "out", progress=False)
     message = str(info.value)
     assert "\n" not in message and "is computed by mlx-lm's sanitize" in message, message
+
+
+def test_multimodal_checkpoint_keeps_the_language_model(checkpoint, tmp_path, capsys):
+    """Tensors mlx-lm's model discards (a vision tower, MTP layers) are left out of the layout,
+    and said so; the text model streams bit-identically."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3_5_moe", **TINY_QWEN), src)
+    extra = {"vision_tower.blocks.0.w": mx.ones((4,)), "mtp.layers.0.w": mx.ones((3,))}
+    mx.save_safetensors(str(src / "model-vision.safetensors"), extra, {"format": "mlx"})
+    index_path = src / "model.safetensors.index.json"
+    weight_map = json.loads(index_path.read_text())
+    weight_map["weight_map"].update(dict.fromkeys(extra, "model-vision.safetensors"))
+    index_path.write_text(json.dumps(weight_map))
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, progress=True)
+    assert "leaving out 2 tensors that mlx-lm's qwen3_5_moe model does not load: " in (
+        capsys.readouterr().err
+    )
+    dense = mx.load(str(out / "model-dense.safetensors"))
+    assert not set(extra) & set(dense)
+    assert_identical(src, out, fractions=(0.0,))
+
+
+TINY_QWEN = {"hidden": 64, "moe_intermediate": 64, "num_experts": 16, "top_k": 2}
