@@ -61,3 +61,34 @@ def test_nvfp4_global_scale(layout):
     if mx.default_device() == mx.cpu:
         pytest.skip("gather_qmm applies an nvfp4 global scale only on the GPU")
     assert_identical(src, out)
+
+
+def _swap_first_two(d):
+    d["components"][0], d["components"][1] = d["components"][1], d["components"][0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d.update(version=3), "format version 3 is not supported (this flashmoe reads"),
+        (lambda d: d.update(version=1), "components must be"),
+        (_swap_first_two, "gate_proj parts ['scales', 'weight'] are not those of mode 'mxfp4'"),
+        (lambda d: d["components"][1].update(dtype="BF16"), "dtype BF16 or shape"),
+        (lambda d: d["components"][0].update(group_size=64), "group_size=64 is not supported"),
+    ],
+)
+def test_version_2_index_is_checked(layout, tmp_path, edit, needle):
+    import json
+    import shutil
+
+    from flashmoe.layouts import INDEX_FILE, LayoutError
+
+    _, out = layout("qwen3_moe", mode="mxfp4", bits=None, group_size=None, **TINY)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    raw = json.loads((copy / INDEX_FILE).read_text())
+    edit(raw)
+    (copy / INDEX_FILE).write_text(json.dumps(raw))
+    with pytest.raises(LayoutError) as info:
+        read_index(copy)
+    assert needle in str(info.value) and "\n" not in str(info.value), info.value
