@@ -235,26 +235,26 @@ def check_components(components: list[Component], version: int) -> str | None:
             f"component projections must be {list(GLU_PROJECTIONS)} or {list(MLP_PROJECTIONS)} "
             f"in that order, got {projections}"
         )
+    for c in components:
+        bits, sizes = MODES.get(c.mode, ((), ()))
+        if (
+            c.bits not in bits
+            or not c.group_size > 0
+            or (sizes is not None and c.group_size not in sizes)
+            or (version == 1 and c.mode != "affine")
+        ):
+            return (
+                f"component {c.name}: quantization mode={c.mode!r} bits={c.bits} "
+                f"group_size={c.group_size} is not supported"
+            )
     for proj in projections:
         mine = [c for c in components if c.name.rpartition(".")[0] == proj]
         parts = [c.name.rpartition(".")[2] for c in mine]
         head = mine[0]
-        bits, sizes = MODES.get(head.mode, ((), ()))
-        if (
-            head.bits not in bits
-            or not head.group_size > 0
-            or (sizes is not None and head.group_size not in sizes)
-            or (version == 1 and head.mode != "affine")
-        ):
-            return (
-                f"component {head.name}: quantization mode={head.mode!r} bits={head.bits} "
-                f"group_size={head.group_size} is not supported"
-            )
         want = [p for p in RECORD_PARTS if p in ("weight", "scales") or p in parts]
-        has_biases = "biases" in parts
         if (
             parts != want
-            or has_biases != (head.mode == "affine")
+            or ("biases" in parts) != (head.mode == "affine")
             or ("global_scale" in parts and head.mode != "nvfp4")
         ):
             return f"{proj} parts {parts} are not those of mode {head.mode!r} in record order"

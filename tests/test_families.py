@@ -13,10 +13,11 @@ from pathlib import Path
 
 import mlx_lm.models
 import pytest
-from flashmoe.bench.family_configs import ALIASES, tiny_config
 from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.layouts import FAMILIES, read_index
 from identity import assert_identical
+
+from flashmoe.family_configs import ALIASES, tiny_config
 
 _SWITCH = re.compile(r"\bSwitch(?:GLU|MLP)\b")
 

@@ -70,10 +70,14 @@ def _swap_first_two(d):
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
+        # [R2] a version this flashmoe does not know
         (lambda d: d.update(version=3), "format version 3 is not supported (this flashmoe reads"),
+        # [R6] version 1 holds only the nine affine components
         (lambda d: d.update(version=1), "components must be"),
+        # [R24] parts in record order, with the dtype of their part and mode
         (_swap_first_two, "gate_proj parts ['scales', 'weight'] are not those of mode 'mxfp4'"),
         (lambda d: d["components"][1].update(dtype="BF16"), "dtype BF16 or shape"),
+        # [R25] each fp mode has one (bits, group size)
         (lambda d: d["components"][0].update(group_size=64), "group_size=64 is not supported"),
     ],
 )

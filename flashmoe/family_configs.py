@@ -253,7 +253,7 @@ ALIASES = {"kimi_k2": "deepseek_v3", "minimax_m2": "minimax", "joyai_llm_flash":
 
 def tiny_config(name: str) -> dict:
     """A tiny ``config.json`` for mlx-lm module ``name`` (or an alias in ALIASES)."""
-    from .checkpoints import FAMILY_CONFIGS, tiny_text_config
+    from .fixtures import FAMILY_CONFIGS, tiny_text_config
 
     if name in FAMILY_CONFIGS:
         return tiny_text_config(name, hidden=64, moe_intermediate=64, num_experts=16, top_k=2)
