@@ -140,20 +140,25 @@ def _listed_view(root: Path, index: Index) -> Path:
     return view
 
 
-def _swap_switch_glus(model: nn.Module, make) -> list[tuple[nn.Module, int]]:
+def _swap_switch_glus(model: nn.Module, make, check=None) -> list[tuple[nn.Module, int]]:
     """Replace every SwitchGLU / SwitchMLP child in ``model`` by ``make(layer, module)``; return
-    (parent, layer)."""
+    (parent, layer). ``check(layers)`` sees every MoE layer first."""
     found = []
     for path, module in model.named_modules():
         for name, child in module.children().items():
             if isinstance(child, (SwitchGLU, SwitchMLP)):
                 child_path = f"{path}.{name}" if path else name
                 found.append((module, name, child, child_path))
-    swapped = []
-    for parent, name, glu, child_path in found:
+    layers = []
+    for *_, child_path in found:
         layer = layer_of_module_path(child_path)
         if layer is None:
             raise LayoutError(f"cannot tell the layer of MoE module {child_path}")
+        layers.append(layer)
+    if check is not None:
+        check(layers)
+    swapped = []
+    for (parent, name, glu, _), layer in zip(found, layers, strict=True):
         setattr(parent, name, make(layer, glu))
         swapped.append((parent, layer))
     return swapped
@@ -165,6 +170,13 @@ def _build_model(
     """mlx-lm's ``load_model`` (on ``view``, the listed files of ``root``) with every SwitchGLU
     swapped for a streaming one at construction."""
     parents: list[tuple[nn.Module, int]] = []
+
+    def check_layers(layers: list[int]) -> None:  # before any bank is bound
+        expected = sorted(entry.layer for entry in index.layers)
+        if sorted(layers) != expected:
+            raise LayoutError(
+                f"{root}: the model has MoE layers {sorted(layers)} but the layout has {expected}"
+            )
 
     def streaming(layer: int, glu: SwitchGLU) -> nn.Module:
         module = StreamingSwitchGLU(layer, glu, store)
@@ -178,7 +190,7 @@ def _build_model(
             # is ever evaluated.
             def __init__(self, args):
                 super().__init__(args)
-                parents.extend(_swap_switch_glus(self, streaming))
+                parents.extend(_swap_switch_glus(self, streaming, check=check_layers))
 
         StreamingModel.__name__ = model_class.__name__
         return StreamingModel, args_class
