@@ -23,10 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--out",
-        required=True,
+        default=None,
         metavar="OUT",
         help="output directory (empty, or an interrupted conversion to resume)",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the layout will be (sizes, disk needed, bank per RAM size) without "
+        "downloading the checkpoint (a Hub repo: only config.json and the safetensors headers)",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument(
         "--alignment",
         type=int,
@@ -80,7 +87,14 @@ def _verify(argv: list[str]) -> int:
 
 
 def _convert(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plan:
+        return _plan(args)
+    if args.json:
+        parser.error("--json goes with --plan")
+    if args.out is None:
+        parser.error("the following arguments are required: -o/--out")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers: must be >= 1")
     if args.upload_repo:
@@ -111,6 +125,19 @@ def _convert(argv: list[str]) -> int:
             commit_message=args.commit_message,
             progress=not args.quiet,
         )
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import plan_layout
+
+    plan = plan_layout(
+        args.src,
+        revision=args.revision,
+        alignment=args.alignment,
+        progress=not (args.quiet or args.json),
+    )
+    print(plan.to_json() if args.json else plan.describe())
     return 0
 
 

@@ -127,9 +127,9 @@ def _probing_classes(sources: dict, unused: list):
     return get_classes
 
 
-def check_mlx_lm_loads(src: Path, config: dict) -> LoadedModel:
+def check_mlx_lm_loads(src: Path, config: dict, *, tokenizer: bool = True) -> LoadedModel:
     """mlx-lm's lazily loaded model of the checkpoint ``src``; ConvertError naming
-    ``src/config.json`` if mlx-lm cannot load it."""
+    ``src/config.json`` if mlx-lm cannot load it. ``tokenizer``: load the tokenizer too."""
     from mlx_lm.utils import load_model, load_tokenizer
 
     _check_quantization(config, src / "config.json")
@@ -139,8 +139,9 @@ def check_mlx_lm_loads(src: Path, config: dict) -> LoadedModel:
         model, _ = load_model(
             src, lazy=True, strict=True, get_model_classes=_probing_classes(sources, unused)
         )
-        with _quiet_transformers():
-            load_tokenizer(src)  # transformers reads config.json too, with its own type checks
+        if tokenizer:
+            with _quiet_transformers():
+                load_tokenizer(src)  # transformers reads config.json too, with its own type checks
     except Exception as e:  # mlx-lm raises ValueError, TypeError, KeyError, ZeroDivisionError...
         raise ConvertError(
             src / "config.json",

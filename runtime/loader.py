@@ -32,7 +32,7 @@ from ..layouts import (
 from ..layouts.families import layer_of_module_path
 from ..metal.memory import GiB, physical_memory, set_limits
 from .reader import make_reader
-from .sizing import kv_cache_bytes, slots_for_budget
+from .sizing import default_budget, kv_cache_bytes, slots_for_budget
 from .store import ExpertStore
 from .streaming import StreamingSwitchGLU, Timed, Timing, link_next_layers
 
@@ -339,7 +339,7 @@ def load(
         slots, note = bank_experts, f"bank: {bank_experts} experts per layer (asked)"
     else:
         asked = memory_budget_gb is not None
-        budget = int(memory_budget_gb * GiB if asked else 0.75 * physical_memory())
+        budget = int(memory_budget_gb * GiB) if asked else default_budget(physical_memory())
         slots = slots_for_budget(
             budget,
             dense_bytes=index.dense.size,
