@@ -26,16 +26,21 @@ def model_card(
     license: str | None = None,
     source_readme: str | None = None,
     hub_repo: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """README.md for a layout: Hub metadata, how to run it, and a summary of the layout.
 
     ``license`` wins; else the source card's metadata; else apache-2.0. ``hub_repo`` is the
     repo the layout is published to (``flashmoe-publish``): the run instructions name it.
+    ``base_model``: the Hub repo the checkpoint came from, where the index cannot tell (a local
+    copy); it replaces the index's origin.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     src = index.source or {}
     repo_id, revision = src.get("repo_id"), src.get("revision")
+    if base_model and base_model != repo_id:
+        repo_id, revision = base_model, None  # the recorded revision is of another origin
     data = ModelCardData(
         base_model=repo_id or None,
         base_model_relation="quantized" if repo_id else None,

@@ -95,12 +95,19 @@ def _convert(argv: list[str]) -> int:
         parser.error("--json goes with --plan")
     if args.out is None:
         parser.error("the following arguments are required: -o/--out")
+    if args.base_model is not None and not args.upload_repo:
+        parser.error("--base-model goes with --upload-repo")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers: must be >= 1")
     if args.upload_repo:
         from ..hubio import check_repo_id
 
         check_repo_id(args.upload_repo)  # fail before converting, not after
+        if args.base_model is not None:
+            try:
+                check_repo_id(args.base_model)
+            except ValueError as e:
+                raise ValueError(f"--base-model: {e}") from None
     from . import convert_checkpoint
 
     index = convert_checkpoint(
@@ -124,6 +131,7 @@ def _convert(argv: list[str]) -> int:
             revision=args.upload_revision,
             commit_message=args.commit_message,
             progress=not args.quiet,
+            base_model=args.base_model,
         )
     return 0
 

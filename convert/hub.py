@@ -131,13 +131,13 @@ def plan_upload(
     return plan
 
 
-def write_card(root: Path, index: Index, repo_id: str) -> Path:
+def write_card(root: Path, index: Index, repo_id: str, base_model: str | None = None) -> Path:
     """Write (or refresh) README.md for ``repo_id``, keeping the license of the current card."""
     from .card import model_card
 
     path = root / CARD_FILE
     current = path.read_text(errors="replace") if path.is_file() else None
-    text = model_card(index, source_readme=current, hub_repo=repo_id)
+    text = model_card(index, source_readme=current, hub_repo=repo_id, base_model=base_model)
     atomic_write(path, text)
     return path
 
@@ -174,16 +174,24 @@ def publish(
     dry_run: bool = False,
     token: str | None = None,
     progress: bool = True,
+    base_model: str | None = None,
     out=sys.stdout,
 ) -> UploadPlan:
     """Verify the layout at ``layout_dir`` and upload it to the Hub model repo ``repo_id``.
 
-    ``dry_run`` prints the plan and writes the card without any network access. Returns the plan
+    ``dry_run`` prints the plan and writes the card without any network access. ``base_model``:
+    the Hub repo the checkpoint came from, for the card's ``base_model`` (a layout converted from a
+    local copy records no origin). Returns the plan
     (with ``commit`` set after an upload). Raises HubError / LayoutError with a one-line message.
     """
     from ..verify import verify_layout
 
     check_repo_id(repo_id)
+    if base_model is not None:
+        try:
+            check_repo_id(base_model)
+        except HubError as e:
+            raise HubError(f"--base-model: {e}") from None
     root = Path(layout_dir)
     api = None
     if not dry_run:  # a missing or read-only token fails before hashing hundreds of GB
@@ -192,7 +200,7 @@ def publish(
         api = HfApi(token=token)
         _check_token(api, token)
     index = verify_layout(root, checksums=True, progress=progress)
-    write_card(root, index, repo_id)
+    write_card(root, index, repo_id, base_model)
     plan = plan_upload(root, index, repo_id, revision=revision or "main", private=private)
     print(plan.describe(), file=out)
     if api is None:
@@ -266,6 +274,13 @@ def add_publish_options(p: argparse.ArgumentParser, *, with_repo: bool) -> None:
         help="branch to upload to (created from main if missing)",
     )
     g.add_argument("--commit-message", default=None, metavar="M")
+    g.add_argument(
+        "--base-model",
+        default=None,
+        metavar="ORG/NAME",
+        help="the Hub repo the checkpoint came from, for the model card (default: the origin "
+        "the layout records, known only for a conversion from the Hub or its cache)",
+    )
 
 
 @command(PROG, resumable=True)
@@ -279,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         commit_message=args.commit_message,
         dry_run=args.dry_run,
         progress=not args.quiet,
+        base_model=args.base_model,
     )
     return 0
 

@@ -137,6 +137,23 @@ def test_dry_run_prints_plan_without_network(tiny_layout, tmp_path):
     assert f"flashmoe-run {REPO}" in (tiny_layout / "README.md").read_text()
 
 
+def test_base_model_for_a_layout_of_a_local_copy(tiny_layout, capsys):
+    from huggingface_hub import ModelCard
+
+    def card():
+        return ModelCard((tiny_layout / "README.md").read_text()).data
+
+    devnull = open(os.devnull, "w")
+    publish(tiny_layout, REPO, dry_run=True, progress=False, out=devnull)
+    assert card().base_model is None  # converted from a local directory: no origin known
+    publish(tiny_layout, REPO, dry_run=True, progress=False, out=devnull, base_model="org/base")
+    assert card().base_model == "org/base" and card().base_model_relation == "quantized"
+    assert "[org/base](https://huggingface.co/org/base)" in (tiny_layout / "README.md").read_text()
+    assert publish_mod.main([str(tiny_layout), REPO, "--dry-run", "--base-model", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--base-model: invalid repo id 'x'" in err[0], err
+
+
 def test_upload_to_branch(hub, tiny_layout):
     """[R18]: a repo (branch) without the index is not a layout."""
     published(hub, tiny_layout, revision="v2")
