@@ -1,30 +1,26 @@
 """``flashmoe-convert --plan SRC``: what the layout of a checkpoint will be, before any download.
 
-For a Hub repo only ``config.json`` and the safetensors headers are fetched (huggingface_hub's
-``get_safetensors_metadata``: HTTP range requests). The headers are written as *sparse* shard files
-of the real sizes in a temporary directory, so the converter's own code reads them exactly as a
-download: ``open_checkpoint`` checks them, mlx-lm builds and lazily loads its model (MLX maps the
-tensors without reading them) and ``plan_experts`` finds the experts. Nothing here is a second
-parser of either format.
+For a Hub repo only the file list, ``config.json`` and the safetensors headers are fetched, into a
+sparse replica (``remote.py``) that the converter's own code reads as it reads a download. Nothing
+here is a second parser of either format.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..hubio import hub_error_message, is_repo_id, progress_bars
+from ..hubio import is_repo_id
 from ..layouts import DEFAULT_ALIGNMENT, copied_files, text_config
 from ..sizing import GiB, default_budget, kv_cache_bytes, physical_memory, slots_for_budget
 from .errors import ConvertError
 from .geometry import check_family, plan_experts
 from .model_check import check_mlx_lm_loads
-from .safetensors_source import INDEX_JSON, SINGLE_FILE, open_checkpoint
+from .remote import list_files, write_replica
+from .safetensors_source import open_checkpoint
 from .source import aux_files
 from .writers import dense_size
 
@@ -129,55 +125,6 @@ def memory_rows(
     return rows
 
 
-def _write_sparse_shard(path: Path, tensors: dict, metadata: dict | None) -> None:
-    """A safetensors file with the real header and a hole where the data would be."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    end = 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": list(t.data_offsets)}
-        end = max(end, t.data_offsets[1])
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + end)
-
-
-def fetch_headers(repo_id: str, revision: str | None, into: Path, progress: bool) -> dict[str, int]:
-    """Write ``repo_id``'s config.json, weight index and sparse shards into ``into``; return the
-    size of every top-level file of the repo."""
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.hf_api import RepoFile
-
-    api = HfApi()
-    try:
-        with progress_bars(progress):
-            tree = api.list_repo_tree(repo_id, revision=revision)  # fails first on a bad repo
-            sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
-            if INDEX_JSON not in sizes and SINGLE_FILE not in sizes:
-                raise ConvertError(
-                    repo_id, f"no {INDEX_JSON} or {SINGLE_FILE}: not a safetensors checkpoint"
-                )
-            if "config.json" not in sizes:
-                raise ConvertError(repo_id, "no config.json")
-            meta = api.get_safetensors_metadata(repo_id, revision=revision)
-            config = hf_hub_download(repo_id, "config.json", revision=revision)
-    except ConvertError:
-        raise
-    except Exception as e:  # huggingface_hub raises many types; all mean "could not read it"
-        msg = hub_error_message(e, repo_id).removeprefix(f"{repo_id}: ")
-        raise ConvertError(repo_id, msg) from None
-    shutil.copyfile(config, into / "config.json")
-    for name, fm in meta.files_metadata.items():
-        if "/" in name or name in ("", ".", ".."):
-            raise ConvertError(repo_id, f"shard name {name!r} is not a plain file name")
-        _write_sparse_shard(into / name, fm.tensors, fm.metadata)
-    if meta.sharded:
-        index = {"metadata": meta.metadata or {}, "weight_map": meta.weight_map}
-        (into / INDEX_JSON).write_text(json.dumps(index))
-    return sizes
-
-
 def plan_layout(
     src: str | os.PathLike,
     *,
@@ -194,8 +141,10 @@ def plan_layout(
     if not is_repo_id(str(src)):
         raise ConvertError(src, "no such directory (and not a Hugging Face repo id)")
     with tempfile.TemporaryDirectory(prefix="flashmoe-plan-") as tmp:
-        sizes = fetch_headers(str(src), revision, Path(tmp), progress)
+        files = list_files(str(src), revision)
+        write_replica(str(src), revision, files, Path(tmp), progress)
         try:
+            sizes = {name: f.size for name, f in files.items()}
             return _plan_directory(Path(tmp), str(src), alignment, sizes)
         except ConvertError as e:  # name the repo, not the temporary directory
             raise ConvertError(e.file.replace(tmp, str(src)), e.problem) from None
