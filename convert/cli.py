@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="Hub revision (branch, tag or commit) to convert",
     )
+    p.add_argument(
+        "--keep-source",
+        action="store_true",
+        help="a Hub repo is converted shard by shard and each shard leaves the Hub cache once "
+        "converted; keep them instead",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from .hub import add_publish_options
 
@@ -118,6 +124,7 @@ def _convert(argv: list[str]) -> int:
         verify=args.verify,
         progress=not args.quiet,
         revision=args.revision,
+        keep_source=args.keep_source,
     )
     if not args.quiet:
         print(f"{args.out}: {len(index.layers)} MoE layers x {index.num_experts} experts written")

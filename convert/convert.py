@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flashmoe import __version__
 
+from ..hubio import is_repo_id
 from ..layouts import (
     CARD_FILE,
     DEFAULT_ALIGNMENT,
@@ -265,12 +266,14 @@ def _source_files(src: Source, ckpt: Checkpoint, aux: list[str]) -> list[dict]:
     for name in sorted(set(names)):
         p = src.path / name
         st = os.stat(p)
+        sha = blob_sha256(p)
         files.append(
             {
                 "name": name,
                 "size": st.st_size,
-                "sha256": blob_sha256(p),
-                "mtime_ns": st.st_mtime_ns,
+                "sha256": sha,
+                # a Hub file's content is its sha256; its mtime is only when it was fetched
+                "mtime_ns": None if sha and src.from_hub else st.st_mtime_ns,
             }
         )
     return files
@@ -323,6 +326,13 @@ def _verify_against_source(
             raise ConvertError(out / name, "differs from the source")
 
 
+def _hub_offline() -> bool:
+    """Offline, a Hub repo converts from its cached snapshot (the whole checkpoint must be there)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -332,18 +342,34 @@ def convert_checkpoint(
     verify: bool = False,
     progress: bool = True,
     revision: str | None = None,
+    keep_source: bool = False,
     _check_free_space: bool = True,
 ) -> Index:
     """Convert the checkpoint ``src`` (directory or Hub repo id) into a layout at ``out``.
 
     Rerunning the same call after an interruption resumes it; the result is byte-identical to an
     uninterrupted run. Raises ConvertError (one line: file and problem) on bad input or I/O failure.
+    A Hub repo id is converted shard by shard (``stream.py``); its shards leave the Hub cache as
+    soon as they are converted, unless ``keep_source``.
     """
     try:
         check_alignment(alignment)
     except ValueError as e:
         raise ConvertError("--alignment", str(e)) from None
     out = Path(out)
+    if not Path(src).exists() and is_repo_id(str(src)) and not _hub_offline():
+        from .stream import convert_streaming
+
+        return convert_streaming(
+            str(src),
+            out,
+            alignment=alignment,
+            workers=workers,
+            verify=verify,
+            progress=progress,
+            revision=revision,
+            keep_source=keep_source,
+        )
     source = resolve_source(src, revision, progress)
     ckpt = open_checkpoint(source.path)
     check_family(ckpt)  # before the costlier mlx-lm load
@@ -397,6 +423,44 @@ def convert_checkpoint(
                 raise
     except OSError as e:
         raise os_error(e, out) from None
+
+
+def build_index(
+    config: dict,
+    plan: ExpertPlan,
+    records: dict,
+    aux: list[str],
+    source_block: dict,
+    alignment: int,
+) -> Index:
+    """The index of a layout whose files are all written (``records``: name -> record)."""
+    rec = plan.record_size(alignment)
+    return Index(
+        model_type=plan.model_type,
+        config=config,
+        num_experts=plan.num_experts,
+        top_k=plan.top_k,
+        alignment=alignment,
+        expert_bytes=plan.expert_bytes,
+        record_size=rec,
+        components=plan.components,
+        layers=[
+            LayerFile(
+                entry.layer,
+                layer_file(entry.layer),
+                plan.num_experts * rec,
+                entry.prefix,
+                records[layer_file(entry.layer)]["checksums"],
+            )
+            for entry in plan.layers
+        ],
+        dense=FileEntry(DENSE_FILE, records[DENSE_FILE]["size"], records[DENSE_FILE]["sha256"]),
+        files=[FileEntry(name, records[name]["size"], records[name]["sha256"]) for name in aux],
+        source=source_block,
+        split_plans=all_split_plans(plan.expert_bytes, alignment),
+        created_by=f"flashmoe {__version__}",
+        version=plan.version,
+    )
 
 
 def _write_layout(
@@ -453,33 +517,7 @@ def _write_layout(
         if verify:
             _verify_against_source(source.path, out, plan, aux, alignment, workers, progress)
 
-        rec = plan.record_size(alignment)
-        index = Index(
-            model_type=plan.model_type,
-            config=ckpt.config,
-            num_experts=plan.num_experts,
-            top_k=plan.top_k,
-            alignment=alignment,
-            expert_bytes=plan.expert_bytes,
-            record_size=rec,
-            components=plan.components,
-            layers=[
-                LayerFile(
-                    entry.layer,
-                    layer_file(entry.layer),
-                    plan.num_experts * rec,
-                    entry.prefix,
-                    records[layer_file(entry.layer)]["checksums"],
-                )
-                for entry in plan.layers
-            ],
-            dense=FileEntry(DENSE_FILE, records[DENSE_FILE]["size"], records[DENSE_FILE]["sha256"]),
-            files=[FileEntry(name, records[name]["size"], records[name]["sha256"]) for name in aux],
-            source=source_block,
-            split_plans=all_split_plans(plan.expert_bytes, alignment),
-            created_by=f"flashmoe {__version__}",
-            version=plan.version,
-        )
+        index = build_index(ckpt.config, plan, records, aux, source_block, alignment)
         _write_readme(out, index, source)
         write_index(out, index)
     except OSError as e:

@@ -79,6 +79,14 @@ class ConversionState:
     def mark_finished(self, name: str, record: dict) -> None:
         _write_json(self.dir / "done" / _record_name(name), record)
 
+    def mark_part(self, name: str) -> None:
+        """Record a step that is not an output file (a streamed conversion's fetched shard, or
+        the dense tensors of one shard written in place)."""
+        _write_json(self.dir / "done" / ("part--" + _record_name(name)), {})
+
+    def has_part(self, name: str) -> bool:
+        return (self.dir / "done" / ("part--" + _record_name(name))).is_file()
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         fsync_dir(self.out)

@@ -117,6 +117,11 @@ class HubEmulator:
         self.commit_request_count = 0
         self.uploaded_oids: list[str] = []  # sha256 of every LFS object stored, in order
         self.requests: list[tuple[str, str]] = []  # (method, path) log
+        # called as on_request(method, path, headers) before a request is served (tests measure)
+        self.on_request = None
+        # file path -> drop the next whole-file GET after N bytes (a dropped connection)
+        self.cut_downloads: dict[str, int] = {}
+        self.missing_files: set[str] = set()  # 404 but to range requests (a failed download)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -350,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         raw = split.path
         hub.requests.append((self.command, raw))
+        if hub.on_request is not None:
+            hub.on_request(self.command, unquote(raw), self.headers)
         segs = [unquote(s) for s in raw.strip("/").split("/")]
         try:
             with hub.lock:
@@ -739,7 +746,7 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         _, commit = hub.resolve(repo_id, revision, user, check=True)
         entry = commit.tree.get(path)
-        if entry is None:
+        if entry is None or (path in hub.missing_files and "Range" not in self.headers):
             raise HubError(404, "Entry not found", "EntryNotFound", commit.oid)
         obj = hub._object_path(entry.sha256)
         size = entry.size
@@ -776,9 +783,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        cut = hub.cut_downloads.pop(path, None) if not rng else None
         with open(obj, "rb") as f:
             f.seek(start)
             left = end - start
+            if cut is not None:
+                self.wfile.write(f.read(max(0, min(left, cut - start))))
+                raise _Abort
             while left > 0:
                 buf = f.read(min(left, 1 << 20))
                 if not buf:

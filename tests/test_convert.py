@@ -237,7 +237,10 @@ def test_hub_source(checkpoint, tmp_path):
         env = _hub_env(tmp_path, hub.url)
         cmd = [sys.executable, "-m", "flashmoe.convert.cli", "org/tiny-moe"]
         r = subprocess.run(
-            [*cmd, "-o", str(tmp_path / "a"), "--quiet"], env=env, capture_output=True, text=True
+            [*cmd, "-o", str(tmp_path / "a"), "--quiet", "--keep-source"],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         assert r.returncode == 0, r.stderr
     index = read_index(tmp_path / "a")
@@ -254,7 +257,8 @@ def test_hub_source(checkpoint, tmp_path):
     assert data["license"] == "mit"
     assert_records_match_source(src, tmp_path / "a")
 
-    # The hub is gone: offline, the cached snapshot converts to the same layout ...
+    # The hub is gone: offline, the cached snapshot (kept: --keep-source) converts to the same
+    # layout as the streamed conversion ...
     env["HF_HUB_OFFLINE"] = "1"
     r = subprocess.run(
         [*cmd, "-o", str(tmp_path / "b"), "--quiet"], env=env, capture_output=True, text=True

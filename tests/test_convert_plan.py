@@ -19,7 +19,7 @@ REPO = "flashmoe-test/tiny-moe-checkpoint"
 
 def upload_checkpoint(hub, src: Path, repo: str = REPO, private: bool = False) -> int:
     """Commit every file of ``src`` to ``repo`` on the emulator; return the shards' bytes."""
-    hub.create_repo(repo, "flashmoe-test", private)
+    hub.create_repo(repo, "tester", private)
     for p in sorted(src.iterdir()):
         hub.put_file(repo, p.name, p.read_bytes())
     return sum(p.stat().st_size for p in src.glob("model*.safetensors"))

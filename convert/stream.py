@@ -1,0 +1,365 @@
+"""``flashmoe-convert ORG/NAME -o OUT``: convert a Hub checkpoint shard by shard, with bounded disk.
+
+The small files (config, tokenizer, weight index) are downloaded first and the experts planned from
+the header replica (``remote.py``). Then the shards are fetched in layer order through
+``hf_hub_download`` (the Hub cache, its auth and its resumable transfers); each shard's dense
+tensors go straight to their place in the dense file, each layer file is written once all its
+shards are there, and a shard that no unconverted layer needs is deleted from the cache (unless
+``keep_source``, or the shard was in the cache before: then it is the user's). A layer spans at
+most two shards in mlx-community checkpoints, so at most two shards are held at a time.
+
+Interrupted, a rerun resumes from the layout's state: finished layer files and the dense tensors of
+finished shards are kept, and only the shards still needed are fetched (a half-fetched shard
+resumes inside ``hf_hub_download``). The layout is byte-identical to converting a full download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from flashmoe import __version__
+
+from ..hubio import progress_bars
+from ..layouts import DENSE_FILE, EXPERTS_DIR, Index, blob_sha256, cache_snapshot, layer_file
+from .convert import (
+    _prepare_output,
+    _progress_bar,
+    _run_parallel,
+    _write_readme,
+    build_index,
+)
+from .errors import ConvertError
+from .fileio import finish, open_for_write, os_error, preadv_full, pwrite_full
+from .geometry import ExpertPlan, MoeLayer, check_family, plan_experts, unused_summary
+from .lock import output_lock
+from .model_check import check_mlx_lm_loads
+from .remote import RemoteFile, list_files, write_replica
+from .safetensors_source import INDEX_JSON, Checkpoint, TensorInfo, open_checkpoint, parse_shard
+from .source import ALLOW_PATTERNS, Source, aux_files
+from .state import ConversionState, write_index
+from .writers import CHUNK, compare_layer, copy_file, dense_header, write_layer
+
+SMALL_PATTERNS = [p for p in ALLOW_PATTERNS if not p.endswith(".safetensors")]
+
+
+def _small_files(repo_id: str, revision: str | None, progress: bool) -> Path:
+    """Download everything but the shards; the snapshot directory in the Hub cache."""
+    from huggingface_hub import snapshot_download
+
+    from .remote import _fail
+
+    try:
+        with progress_bars(progress):
+            return Path(
+                snapshot_download(repo_id, revision=revision, allow_patterns=SMALL_PATTERNS)
+            )
+    except Exception as e:  # huggingface_hub raises many types; all mean "could not get it"
+        raise _fail(repo_id, e) from None
+
+
+def _plan(repo_id: str, commit: str, snap: Path, files: dict[str, RemoteFile], progress: bool):
+    """``(checkpoint, plan)`` from the header replica (tensor offsets are the real ones)."""
+    with tempfile.TemporaryDirectory(prefix="flashmoe-headers-") as tmp:
+        inexact = write_replica(repo_id, commit, files, Path(tmp), progress, small_files=snap)
+        if inexact:
+            raise ConvertError(
+                f"{repo_id}/{inexact[0]}",
+                "its header cannot be rebuilt from the Hub's metadata; download the checkpoint "
+                "and convert the directory",
+            )
+        try:
+            ckpt = open_checkpoint(tmp)
+            check_family(ckpt)
+            plan = plan_experts(ckpt, check_mlx_lm_loads(Path(tmp), ckpt.config))
+        except ConvertError as e:  # name the repo, not the temporary directory
+            raise ConvertError(e.file.replace(tmp, repo_id), e.problem) from None
+    ckpt.path = snap
+    return ckpt, plan
+
+
+def _forwarding_tqdm(bar):
+    """A tqdm class for ``hf_hub_download`` that prints nothing and counts into ``bar``."""
+    from tqdm import tqdm
+
+    class Forward(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.update(kwargs.get("initial") or 0)
+
+        def update(self, n=1):
+            if bar is not None and n:
+                bar.update(n)
+
+    return Forward
+
+
+class DenseWriter:
+    """The dense file, filled shard by shard at the tensors' final offsets, hashed at the end."""
+
+    def __init__(self, out: Path, tensors: list[TensorInfo], state: ConversionState) -> None:
+        self.tensors = sorted(tensors, key=lambda t: t.name)
+        self.head = dense_header(self.tensors)
+        self.offsets, pos = {}, len(self.head)
+        for t in self.tensors:
+            self.offsets[t.name] = pos
+            pos += t.nbytes
+        self.size = pos
+        self.final = out / DENSE_FILE
+        self.partial = out / (DENSE_FILE + ".partial")
+        self.state = state
+        shards = {t.file for t in self.tensors}
+        resumable = self.partial.is_file() and self.partial.stat().st_size == self.size
+        self.done = {s for s in shards if resumable and state.has_part(f"dense/{s}")}
+        if self.done:
+            self.fd = os.open(self.partial, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        else:
+            self.fd = open_for_write(self.partial, self.size)
+            pwrite_full(self.fd, memoryview(self.head), 0)
+        self.pending = shards - self.done
+
+    def write_shard(self, src_dir: Path, shard: str, progress) -> None:
+        buf = memoryview(bytearray(CHUNK))
+        fd = os.open(src_dir / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for t in (t for t in self.tensors if t.file == shard):
+                pos = self.offsets[t.name]
+                for start in range(t.start, t.end, CHUNK):
+                    n = min(CHUNK, t.end - start)
+                    preadv_full(fd, [buf[:n]], start, src_dir / shard)
+                    pwrite_full(self.fd, buf[:n], pos)
+                    pos += n
+                    progress(n)
+        finally:
+            os.close(fd)
+        os.fsync(self.fd)  # before the part is recorded as done
+        self.state.mark_part(f"dense/{shard}")
+        self.pending.discard(shard)
+
+    def finish(self) -> dict:
+        digest = hashlib.sha256()
+        with open(self.partial, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        fd, self.fd = self.fd, -1
+        finish(fd, self.partial, self.final)  # closes fd
+        return {"sha256": digest.hexdigest(), "size": self.size}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _shard_order(layers: list[MoeLayer], dense_shards: set[str]) -> list[str]:
+    """Shards in the order the layers need them, then those only the dense file needs."""
+    order: dict[str, None] = {}
+    for entry in layers:
+        for t in entry.tensors:
+            order.setdefault(t.file)
+    for s in sorted(dense_shards):
+        order.setdefault(s)
+    return list(order)
+
+
+def _source_block(
+    repo_id: str, commit: str, snap: Path, ckpt: Checkpoint, files: dict, aux: list[str]
+) -> dict:
+    """What a conversion of the full download records (``convert._source_files``)."""
+    shards = {s.name for s in ckpt.shards}
+    names = set(shards) | set(aux) | ({INDEX_JSON} if (snap / INDEX_JSON).is_file() else set())
+    entries = []
+    for name in sorted(names):
+        if name in shards:
+            f = files[name]
+            entries.append({"name": name, "size": f.size, "sha256": f.sha256, "mtime_ns": None})
+        else:
+            st, sha = os.stat(snap / name), blob_sha256(snap / name)
+            mtime = None if sha else st.st_mtime_ns  # as convert._source_files for a Hub source
+            entries.append({"name": name, "size": st.st_size, "sha256": sha, "mtime_ns": mtime})
+    return {"repo_id": repo_id, "revision": commit, "path": None, "files": entries}
+
+
+def convert_streaming(
+    repo_id: str,
+    out: str | os.PathLike,
+    *,
+    alignment: int,
+    workers: int | None,
+    verify: bool,
+    progress: bool,
+    revision: str | None,
+    keep_source: bool = False,
+) -> Index:
+    """Convert the Hub checkpoint ``repo_id`` into ``out``, fetching shards as the layers need
+    them (see the module docstring). Raises ConvertError with one line."""
+    out = Path(out)
+    snap = _small_files(repo_id, revision, progress)
+    snapshot = cache_snapshot(snap)
+    commit = snapshot.commit if snapshot else revision
+    files = list_files(repo_id, commit)
+    ckpt, plan = _plan(repo_id, commit, snap, files, progress)
+    if plan.unused and progress:
+        print(
+            f"flashmoe-convert: leaving out {len(plan.unused)} tensors that mlx-lm's "
+            f"{plan.model_type} model does not load: {unused_summary(plan.unused)}",
+            file=sys.stderr,
+        )
+    aux = aux_files(snap)
+    source_block = _source_block(repo_id, commit, snap, ckpt, files, aux)
+    fingerprint = {
+        "created_by": f"flashmoe {__version__}",
+        "source": f"hub:{repo_id}@{commit}",
+        "files": [{k: f[k] for k in ("name", "size", "sha256")} for f in source_block["files"]],
+        "alignment": alignment,
+    }
+    workers = workers or min(4, os.cpu_count() or 2)
+    try:
+        with output_lock(out):
+            state, existing = _prepare_output(out, fingerprint, source_block, alignment)
+            if existing is not None:
+                index, checked = existing
+                if progress:
+                    print(f"{out}: already converted ({checked})", file=sys.stderr)
+                return index
+            try:
+                job = _Job(repo_id, commit, snap, files, ckpt, plan, aux, state, alignment)
+                records = job.run(workers, verify, progress, keep_source)
+                index = build_index(ckpt.config, plan, records, aux, source_block, alignment)
+                _write_readme(out, index, Source(snap, repo_id, commit, True))
+                write_index(out, index)
+            except BaseException:
+                if state.fresh and not state.any_finished():
+                    state.discard()
+                raise
+            state.remove()
+            return index
+    except OSError as e:
+        raise os_error(e, out) from None
+
+
+class _Job:
+    """One streamed conversion: which shards to fetch, when to write and when to release."""
+
+    def __init__(self, repo_id, commit, snap, files, ckpt, plan: ExpertPlan, aux, state, alignment):
+        self.repo_id, self.commit, self.snap, self.files = repo_id, commit, snap, files
+        self.ckpt, self.plan, self.aux, self.state = ckpt, plan, aux, state
+        self.out: Path = state.out
+        self.rec = plan.record_size(alignment)
+
+    def _fetch(self, shard: str, bar) -> None:
+        from huggingface_hub import hf_hub_download
+
+        from .remote import _fail
+
+        path = self.snap / shard
+        if path.exists():  # already in the cache: the user's, or fetched by an earlier run
+            if bar is not None:
+                bar.update(self.files[shard].size)
+        else:
+            self.state.mark_part(f"fetched/{shard}")  # ours to release
+            try:
+                hf_hub_download(
+                    self.repo_id, shard, revision=self.commit, tqdm_class=_forwarding_tqdm(bar)
+                )
+            except Exception as e:  # huggingface_hub raises many types; all mean "not fetched"
+                err = _fail(self.repo_id, e)
+                raise ConvertError(f"{self.repo_id}/{shard}", err.problem) from None
+        _, infos = parse_shard(self.snap, shard)
+        planned = {t.name: t for t in self.ckpt.tensors.values() if t.file == shard}
+        if {t.name: t for t in infos} != planned:
+            raise ConvertError(
+                f"{self.repo_id}/{shard}", "header differs from the planned one (repo changed?)"
+            )
+
+    def _release(self, shard: str, keep_source: bool) -> None:
+        if keep_source or not self.state.has_part(f"fetched/{shard}"):
+            return
+        link = self.snap / shard
+        blob = link.resolve()
+        link.unlink(missing_ok=True)
+        if blob != link and blob.parent.name == "blobs":
+            blob.unlink(missing_ok=True)
+
+    def run(self, workers: int, verify: bool, progress: bool, keep_source: bool) -> dict:
+        plan, state, out, snap = self.plan, self.state, self.out, self.snap
+        (out / EXPERTS_DIR).mkdir(exist_ok=True)
+        records = {}
+        for name in self.aux:  # small, and already here
+            records[name] = state.finished(name)
+            if records[name] is None:
+                sha = copy_file(snap / name, out / name, lambda n: None)
+                records[name] = {"sha256": sha, "size": os.path.getsize(out / name)}
+                state.mark_finished(name, records[name])
+        records[DENSE_FILE] = state.finished(DENSE_FILE)
+        dense = None if records[DENSE_FILE] else DenseWriter(out, plan.dense, state)
+        try:
+            pending = []
+            for entry in plan.layers:
+                records[layer_file(entry.layer)] = state.finished(layer_file(entry.layer))
+                if records[layer_file(entry.layer)] is None:
+                    pending.append(entry)
+            order = _shard_order(pending, dense.pending if dense else set())
+            users = {s: 0 for s in order}
+            for entry in pending:
+                for s in {t.file for t in entry.tensors}:
+                    users[s] += 1
+            for s in dense.pending if dense else ():
+                users[s] += 1
+            work = sum(self.files[s].size for s in order) + len(pending) * (
+                plan.num_experts * plan.expert_bytes
+            )
+            if dense:
+                work += sum(t.nbytes for t in plan.dense if t.file in dense.pending)
+            bar = _progress_bar(progress, work, 0, "convert")
+            try:
+                held: set[str] = set()
+                for shard in order:
+                    self._fetch(shard, bar)
+                    held.add(shard)
+                    if dense and shard in dense.pending:
+                        dense.write_shard(snap, shard, bar.update if bar else lambda n: None)
+                        users[shard] -= 1
+                    ready = [e for e in pending if {t.file for t in e.tensors} <= held]
+                    pending = [e for e in pending if e not in ready]
+                    for entry, record in zip(
+                        ready,
+                        _run_parallel([self._layer_job(e, verify) for e in ready], workers, bar),
+                        strict=True,
+                    ):
+                        records[layer_file(entry.layer)] = record
+                        for s in {t.file for t in entry.tensors}:
+                            users[s] -= 1
+                    for s in sorted(held):
+                        if users[s] == 0:
+                            self._release(s, keep_source)
+                            held.discard(s)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if dense:
+                records[DENSE_FILE] = dense.finish()
+                state.mark_finished(DENSE_FILE, records[DENSE_FILE])
+        finally:
+            if dense:
+                dense.close()
+        return records
+
+    def _layer_job(self, entry: MoeLayer, verify: bool):
+        plan, name = self.plan, layer_file(entry.layer)
+        size = plan.num_experts * self.rec
+
+        def run(progress_cb, stop):
+            args = (self.snap, entry.tensors, plan.components, plan.num_experts, self.rec)
+            checksums = write_layer(*args, self.out / name, progress_cb, stop)
+            if verify:  # now, while its shards are here
+                compare_layer(*args, self.out / name, entry.layer, lambda n: None, stop)
+            record = {"checksums": checksums, "size": size}
+            self.state.mark_finished(name, record)
+            return record
+
+        return run

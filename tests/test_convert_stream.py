@@ -1,0 +1,130 @@
+"""``flashmoe-convert ORG/NAME``: shard by shard from the Hub emulator (real huggingface_hub
+client), with bounded disk, resumable, byte-identical to converting a full download."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from flashmoe.convert import ConvertError, convert_checkpoint
+from flashmoe.layouts import INDEX_FILE
+from test_convert_plan import upload_checkpoint
+
+REPO = "flashmoe-test/tiny-moe-checkpoint"
+# shards of 600 kB: every layer's experts (442 kB) span at most two of them
+SHARD_BYTES = 600_000
+
+
+def disk_bytes(*roots: Path) -> int:
+    return sum(
+        p.stat().st_size
+        for r in roots
+        if r.exists()
+        for p in r.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    )
+
+
+def layout_files(out: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in (INDEX_FILE, "README.md", ".flashmoe-convert.lock")
+    }
+
+
+def comparable_index(out: Path) -> dict:
+    index = json.loads((out / INDEX_FILE).read_text())
+    for f in index["source"]["files"]:
+        f.pop("mtime_ns")
+    index["source"].pop("path")
+    return index
+
+
+@pytest.fixture
+def hub_checkpoint(hub, checkpoint):
+    src = checkpoint("qwen3_5_moe", shard_bytes=SHARD_BYTES)
+    upload_checkpoint(hub, src)
+    shards = {p.name: p.stat().st_size for p in src.glob("model*.safetensors")}
+    return src, shards
+
+
+def test_streamed_conversion_is_identical_with_bounded_disk(hub, hub_checkpoint, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    src, shards = hub_checkpoint
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    out = tmp_path / "streamed"
+    peaks = []
+
+    def on_request(method: str, path: str, headers) -> None:
+        name = path.rsplit("/", 1)[-1]
+        if method == "GET" and name in shards and "Range" not in headers:
+            # at the start of a shard's download: what is held, plus the shard itself
+            peaks.append(disk_bytes(cache, out) + shards[name])
+
+    hub.on_request = on_request
+    index = convert_checkpoint(REPO, out, progress=False)
+    hub.on_request = None
+    assert len(peaks) == len(shards)  # each shard fetched once
+    assert not list(cache.rglob("model-*.safetensors")), "shards not released"
+    layout = sum(e.size for e in index.layers) + index.dense.size + sum(f.size for f in index.files)
+    two = sum(sorted(shards.values())[-2:])
+    assert max(peaks) <= layout + two, (max(peaks), layout, two)
+    assert max(peaks) < layout + sum(shards.values())  # less than the whole checkpoint
+
+    full = Path(snapshot_download(REPO))
+    ref = tmp_path / "reference"
+    convert_checkpoint(full, ref, progress=False)
+    assert layout_files(out) == layout_files(ref)
+    assert comparable_index(out) == comparable_index(ref)
+    assert (out / "README.md").read_text() == (ref / "README.md").read_text()
+
+
+def test_interrupted_streamed_conversion_resumes(hub, hub_checkpoint, tmp_path):
+    src, shards = hub_checkpoint
+    names = sorted(shards)
+    out = tmp_path / "out"
+    # the second shard's connection drops mid-body (huggingface_hub resumes it with a range
+    # request); the third cannot be fetched: the run fails after finishing what it could
+    hub.cut_downloads[names[1]] = 100_000
+    hub.missing_files.add(names[2])
+    ranges = []
+    hub.on_request = lambda m, p, h: ranges.append((m, p.rsplit("/", 1)[-1], h.get("Range")))
+    with pytest.raises(ConvertError, match=names[2].replace(".", r"\.")):
+        convert_checkpoint(REPO, out, progress=False)
+    assert not hub.cut_downloads
+    # the dropped download was retried by huggingface_hub within the run
+    assert ranges.count(("GET", names[1], None)) == 2
+    finished = sorted(p.name for p in (out / "experts").glob("layer-*.bin"))
+    assert finished, "nothing kept from the interrupted run"
+
+    hub.missing_files.clear()
+    ranges.clear()
+    index = convert_checkpoint(REPO, out, progress=False)
+    fetched = {p for m, p, r in ranges if m == "GET" and r is None and p in shards}
+    assert names[0] not in fetched and names[2] in fetched  # only what was still needed
+    assert len(index.layers) == 4 and not (out / ".flashmoe-convert").exists()
+    ref = tmp_path / "reference"
+    convert_checkpoint(src, ref, progress=False)
+    assert layout_files(out) == layout_files(ref)
+
+
+def test_keep_source_private_repo_and_offline(hub, checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    src = checkpoint("qwen3_5_moe", shard_bytes=SHARD_BYTES)
+    private = "flashmoe-test/private-moe"
+    upload_checkpoint(hub, src, private, private=True)
+    convert_checkpoint(private, tmp_path / "a", progress=False, keep_source=True)
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    assert len(list(cache.rglob("model-*.safetensors"))) == len(list(src.glob("model-*")))
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ConvertError, match="repository not found"):
+        convert_checkpoint(private, tmp_path / "b", progress=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint("flashmoe-test/never-seen", tmp_path / "c", progress=False)
+    assert "\n" not in str(e.value) and "offline" in str(e.value).lower()
