@@ -198,11 +198,11 @@ def convert_streaming(
     """Convert the Hub checkpoint ``repo_id`` into ``out``, fetching shards as the layers need
     them (see the module docstring). Raises ConvertError with one line."""
     out = Path(out)
-    snap = _small_files(repo_id, revision, progress)
+    snap = _small_files(repo_id, revision, False)  # one bar, the conversion's (below)
     snapshot = cache_snapshot(snap)
     commit = snapshot.commit if snapshot else revision
     files = list_files(repo_id, commit)
-    ckpt, plan = _plan(repo_id, commit, snap, files, progress)
+    ckpt, plan = _plan(repo_id, commit, snap, files, False)
     if plan.unused and progress:
         print(
             f"flashmoe-convert: leaving out {len(plan.unused)} tensors that mlx-lm's "

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing", action="store_true", help="print per-token timing and I/O statistics"
     )
     p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="MODEL is a Hub repo of a plain MLX checkpoint: convert it into the cache without "
+        "asking",
+    )
+    p.add_argument(
         "--demo",
         action="store_true",
         help="build a small random-weight model, convert it and run it (no network)",
@@ -156,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args)
     if not args.model:
         raise ValueError("MODEL is required (or use --demo)")
+    from .from_checkpoint import convert_into_cache, is_plain_checkpoint_repo
     from .loader import load
 
+    if is_plain_checkpoint_repo(args.model, args.revision):
+        args.model = str(convert_into_cache(args.model, yes=args.yes, revision=args.revision))
     model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
     try:
         prompt = _prompt_tokens(args, tokenizer)
