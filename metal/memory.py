@@ -1,5 +1,5 @@
 """Device memory: how much there is, and MLX's memory limits (model-aware sizing is
-``flashmoe.runtime.sizing``)."""
+``flashmoe.sizing``)."""
 
 from __future__ import annotations
 
