@@ -310,6 +310,7 @@ class _Job:
                     users[s] += 1
             for s in dense.pending if dense else ():
                 users[s] += 1
+            self._check_space(pending, dense, order)
             work = sum(self.files[s].size for s in order) + len(pending) * (
                 plan.num_experts * plan.expert_bytes
             )
@@ -348,6 +349,23 @@ class _Job:
             if dense:
                 dense.close()
         return records
+
+    def _check_space(self, pending: list[MoeLayer], dense, order: list[str]) -> None:
+        """Room for the rest of the layout and, where the Hub cache is, two shards at a time."""
+        layout = len(pending) * self.plan.num_experts * self.rec + (dense.size if dense else 0)
+        fetch = sorted(self.files[s].size for s in order if not (self.snap / s).exists())
+        held = sum(fetch[-2:])
+        st_out, st_cache = os.statvfs(self.out), os.statvfs(self.snap)
+        free_out = st_out.f_bavail * st_out.f_frsize
+        free_cache = st_cache.f_bavail * st_cache.f_frsize
+        same = os.stat(self.out).st_dev == os.stat(self.snap).st_dev
+        if (layout + held if same else layout) > free_out:
+            need = f"{layout:,} bytes for the layout" + (f" + {held:,} for shards" if same else "")
+            raise ConvertError(self.out, f"not enough free space: {need}, {free_out:,} are free")
+        if not same and held > free_cache:
+            raise ConvertError(
+                self.snap, f"not enough free space for shards: {held:,} bytes, {free_cache:,} free"
+            )
 
     def _layer_job(self, entry: MoeLayer, verify: bool):
         plan, name = self.plan, layer_file(entry.layer)

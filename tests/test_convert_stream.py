@@ -128,3 +128,13 @@ def test_keep_source_private_repo_and_offline(hub, checkpoint, tmp_path, monkeyp
     with pytest.raises(ConvertError) as e:
         convert_checkpoint("flashmoe-test/never-seen", tmp_path / "c", progress=False)
     assert "\n" not in str(e.value) and "offline" in str(e.value).lower()
+
+
+def test_not_enough_space_is_refused_before_fetching(hub, hub_checkpoint, tmpfs):
+    _, shards = hub_checkpoint
+    small = tmpfs("1m")
+    fetched = []
+    hub.on_request = lambda m, p, h: fetched.append(p) if "Range" not in h else None
+    with pytest.raises(ConvertError, match="not enough free space"):
+        convert_checkpoint(REPO, small / "out", progress=False)
+    assert not [p for p in fetched if p.rsplit("/", 1)[-1] in shards]
