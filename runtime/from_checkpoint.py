@@ -59,14 +59,20 @@ def convert_into_cache(
         )
     print(f"{repo_id} is a plain MLX checkpoint, not a flashmoe layout; its plan:", file=err)
     err.flush()
-    plan = subprocess.run([*CONVERTER, "--plan", repo_id, *rev, "--quiet"], stdout=err)
+    plan = subprocess.run(
+        [*CONVERTER, "--plan", repo_id, *rev, "--quiet"], stdout=subprocess.PIPE, text=True
+    )
+    print(plan.stdout, end="", file=err)  # stdout is the generated text's
     if plan.returncode != 0:
         raise HubError(f"{repo_id}: cannot plan its conversion (see above)")
     if not yes:
         print(f"Convert it into {out} now? [y/N] ", end="", file=err, flush=True)
         if stdin.readline().strip().lower() not in ("y", "yes"):
             raise HubError(f"{repo_id}: not converted (answered no)")
-    r = subprocess.run([*CONVERTER, repo_id, "-o", str(out), *rev], stdout=err)
+    r = subprocess.run(
+        [*CONVERTER, repo_id, "-o", str(out), *rev], stdout=subprocess.PIPE, text=True
+    )
+    print(r.stdout, end="", file=err)
     if r.returncode != 0:
         raise HubError(f"{repo_id}: conversion failed (rerun the same command to resume)")
     print(

@@ -40,3 +40,21 @@ def test_run_plain_checkpoint_repo(hub, layout):
     assert r.stdout.strip()
     converted = Path(os.environ["HF_HOME"]) / "flashmoe" / "converted" / REPO.replace("/", "--")
     assert layout_files(converted) == layout_files(local_layout)  # so the same tokens
+
+
+def test_interactive_run_asks_before_converting(hub, checkpoint):
+    import io
+
+    import pytest
+    from flashmoe.runtime.from_checkpoint import convert_into_cache, converted_dir
+
+    from flashmoe.hubio import HubError
+
+    upload_checkpoint(hub, checkpoint("qwen3_5_moe"))
+    master, slave = os.openpty()  # a real terminal on stdin
+    os.write(master, b"n\n")
+    err = io.StringIO()
+    with open(slave) as tty, pytest.raises(HubError, match="answered no"):
+        convert_into_cache(REPO, yes=False, revision=None, err=err, stdin=tty)
+    os.close(master)
+    assert "[y/N]" in err.getvalue() and not converted_dir(REPO).exists()
