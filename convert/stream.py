@@ -5,8 +5,9 @@ the header replica (``remote.py``). Then the shards are fetched in layer order t
 ``hf_hub_download`` (the Hub cache, its auth and its resumable transfers); each shard's dense
 tensors go straight to their place in the dense file, each layer file is written once all its
 shards are there, and a shard that no unconverted layer needs is deleted from the cache (unless
-``keep_source``, or the shard was in the cache before: then it is the user's). A layer spans at
-most two shards in mlx-community checkpoints, so at most two shards are held at a time.
+``keep_source``, or the shard was in the cache before: then it is the user's). The next shard
+downloads while the current one's own layers are written, but only when no other shard is held:
+never more than two shards at a time (a layer spans at most two in mlx-community checkpoints).
 
 Interrupted, a rerun resumes from the layout's state: finished layer files and the dense tensors of
 finished shards are kept, and only the shards still needed are fetched (a half-fetched shard
@@ -19,6 +20,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from flashmoe import __version__
@@ -153,6 +155,27 @@ class DenseWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _Prefetch:
+    """``fetch(shard, bar)`` on a daemon thread (Ctrl-C does not wait for a download)."""
+
+    def __init__(self, fetch, shard: str, bar) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fetch(shard, bar)
+            except BaseException as e:  # re-raised in the converting thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="flashmoe-fetch", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _shard_order(layers: list[MoeLayer], dense_shards: set[str]) -> list[str]:
@@ -319,18 +342,12 @@ class _Job:
             bar = _progress_bar(progress, work, 0, "convert")
             try:
                 held: set[str] = set()
-                for shard in order:
-                    self._fetch(shard, bar)
-                    held.add(shard)
-                    if dense and shard in dense.pending:
-                        dense.write_shard(snap, shard, bar.update if bar else lambda n: None)
-                        users[shard] -= 1
-                    ready = [e for e in pending if {t.file for t in e.tensors} <= held]
-                    pending = [e for e in pending if e not in ready]
+                prefetch: _Prefetch | None = None
+
+                def write_layers(layers: list[MoeLayer]) -> None:
+                    jobs = [self._layer_job(e, verify) for e in layers]
                     for entry, record in zip(
-                        ready,
-                        _run_parallel([self._layer_job(e, verify) for e in ready], workers, bar),
-                        strict=True,
+                        layers, _run_parallel(jobs, workers, bar), strict=True
                     ):
                         records[layer_file(entry.layer)] = record
                         for s in {t.file for t in entry.tensors}:
@@ -339,6 +356,27 @@ class _Job:
                         if users[s] == 0:
                             self._release(s, keep_source)
                             held.discard(s)
+
+                for i, shard in enumerate(order):
+                    if prefetch is not None:
+                        prefetch.wait()
+                        prefetch = None
+                    else:
+                        self._fetch(shard, bar)
+                    held.add(shard)
+                    ready = [e for e in pending if {t.file for t in e.tensors} <= held]
+                    pending = [e for e in pending if e not in ready]
+                    # layers that end in this shard first: their older shard leaves, and then
+                    # the next shard downloads while this one's own layers are written
+                    write_layers([e for e in ready if {t.file for t in e.tensors} != {shard}])
+                    if len(held) <= 1 and i + 1 < len(order):  # never more than two shards held
+                        prefetch = _Prefetch(self._fetch, order[i + 1], bar)
+                    if dense and shard in dense.pending:
+                        dense.write_shard(snap, shard, bar.update if bar else lambda n: None)
+                        users[shard] -= 1
+                    write_layers([e for e in ready if {t.file for t in e.tensors} == {shard}])
+                if prefetch is not None:
+                    prefetch.wait()
             finally:
                 if bar is not None:
                     bar.close()
