@@ -16,6 +16,9 @@ code  meaning
 ====  =========================================================================================
 
 ``FLASHMOE_DEBUG=1`` prints the full traceback before that line (exit codes stay the same).
+
+In a distributed run (``mlx.launch``), an error every rank knows about carries ``silent = True``
+on the ranks other than 0: only rank 0 prints it. Other ranks name themselves in their lines.
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, RuntimeError)
 _BUGS: tuple[type[Exception], ...] = (NotImplementedError, RecursionError)
 
 RESUME_HINT = "rerun the same command to resume"
+
+_running = ["flashmoe"]  # the command being run, for messages printed outside run_command
+
+
+def current_prog() -> str:
+    """The name of the command ``run_command`` is running (as its error lines print it)."""
+    return _running[-1]
+
+
+def _ranked(prog: str) -> str:
+    """``prog``, naming the rank on the ranks other than 0 of a distributed run."""
+    rank = os.environ.get("MLX_RANK", "")
+    return prog if rank in ("", "0") else f"{prog} (rank {rank})"
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -66,6 +82,8 @@ def run_command(prog: str, body: Callable[[], int | None], *, resumable: bool = 
 
     ``resumable``: an interrupted run can be resumed by running it again (say so on Ctrl-C).
     """
+    prog = _ranked(prog)
+    _running.append(prog)
     try:
         code = body()
     except KeyboardInterrupt:
@@ -77,6 +95,8 @@ def run_command(prog: str, body: Callable[[], int | None], *, resumable: bool = 
     except Exception as e:
         if debug():
             traceback.print_exc()
+        if getattr(e, "silent", False):  # rank 0 of a distributed run reports it
+            return EXIT_USAGE
         if is_user_error(e):
             print(f"{prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
             return EXIT_USAGE
@@ -87,6 +107,8 @@ def run_command(prog: str, body: Callable[[], int | None], *, resumable: bool = 
             flush=True,
         )
         return EXIT_INTERNAL
+    finally:
+        _running.pop()
     return EXIT_OK if code is None else code
 
 

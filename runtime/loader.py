@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
@@ -31,6 +32,8 @@ from ..layouts import (
 )
 from ..layouts.families import layer_of_module_path
 from ..metal.memory import GiB, physical_memory, set_limits
+from .group import RankError, agree, world
+from .pipeline import Plan, plan_stages, split_model
 from .reader import make_reader
 from .sizing import default_budget, kv_cache_bytes, slots_for_budget
 from .store import ExpertStore
@@ -48,6 +51,12 @@ class Runtime:
     top_k: int
     timing: Timing | None
     budget_note: str
+    group: object = None  # the mx.distributed group of a pipelined model, else None
+    plan: Plan | None = None  # its stages (which layers each rank runs)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else self.group.rank()
 
     def close(self) -> None:
         """Close the layer files, the routing trace and the reader; no streaming afterwards."""
@@ -164,12 +173,33 @@ def _swap_switch_glus(model: nn.Module, make, check=None) -> list[tuple[nn.Modul
     return swapped
 
 
+class _Elsewhere(nn.Module):
+    """Stands in for the SwitchGLU of a layer another rank runs (dropped by mlx-lm's pipeline
+    right after loading; it owns no parameters, so nothing of that layer is read)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, x, indices):
+        raise RuntimeError(f"MoE layer {self.layer} runs on another rank")
+
+
 def _build_model(
-    root: Path, view: Path, index: Index, store: ExpertStore, timer: Timing | None, k: int | None
+    root: Path,
+    view: Path,
+    index: Index,
+    store: ExpertStore,
+    timer: Timing | None,
+    k: int | None,
+    group=None,
+    plan: Plan | None = None,
 ):
     """mlx-lm's ``load_model`` (on ``view``, the listed files of ``root``) with every SwitchGLU
-    swapped for a streaming one at construction."""
+    swapped for a streaming one at construction; with ``group``, split by mlx-lm's pipeline
+    before any weight is evaluated, so a rank reads only its own layers' dense weights."""
     parents: list[tuple[nn.Module, int]] = []
+    own = None if plan is None else set(plan.stages[group.rank()].moe_layers)
 
     def check_layers(layers: list[int]) -> None:  # before any bank is bound
         expected = sorted(entry.layer for entry in index.layers)
@@ -179,6 +209,8 @@ def _build_model(
             )
 
     def streaming(layer: int, glu: SwitchGLU) -> nn.Module:
+        if own is not None and layer not in own:
+            return _Elsewhere(layer)
         module = StreamingSwitchGLU(layer, glu, store)
         return module if timer is None else Timed(module, timer)
 
@@ -195,20 +227,25 @@ def _build_model(
         StreamingModel.__name__ = model_class.__name__
         return StreamingModel, args_class
 
-    model, config = load_model(view, get_model_classes=get_classes)
+    model, config = load_model(view, lazy=plan is not None, get_model_classes=get_classes)
+    if plan is not None:
+        split_model(model, group, plan)
+        mx.eval(model.parameters())
+        parents = [(parent, layer) for parent, layer in parents if layer in own]
     layers = sorted(layer for _, layer in parents)
-    expected = sorted(entry.layer for entry in index.layers)
+    expected = sorted(entry.layer for entry in index.layers if own is None or entry.layer in own)
     if layers != expected:
         raise LayoutError(
             f"{root}: the model has MoE layers {layers} but the layout has {expected}"
         )
     if k is not None:
         if k != index.top_k:
-            print(
-                f"flashmoe: warning: routing {k} experts per token instead of {index.top_k}; "
-                "output will differ from the original model",
-                file=sys.stderr,
-            )
+            if group is None or group.rank() == 0:
+                print(
+                    f"flashmoe: warning: routing {k} experts per token instead of {index.top_k}; "
+                    "output will differ from the original model",
+                    file=sys.stderr,
+                )
         for parent, _ in parents:
             if not hasattr(parent, "top_k"):
                 raise ValueError(f"{type(parent).__name__} has no top_k to override")
@@ -239,6 +276,7 @@ def load(
     prefetch: str = "off",
     bank_policy: str = "lru",
     hits_first: bool = True,
+    group=None,
 ):
     """Load a flashmoe layout as an mlx-lm ``(model, tokenizer)`` pair, its routed experts streamed.
 
@@ -293,6 +331,13 @@ def load(
         hits_first (bool): In a decode step with misses, compute the resident experts while the
             misses are read (the same output: each expert's rows are computed alone either way).
             Default: ``True``.
+        group (mx.distributed.Group, optional): Split the model across the ranks of this group
+            (pipeline parallel, ``mlx_lm``'s ``model.model.pipeline``): each rank runs a
+            contiguous range of layers, balanced by bytes, and holds only their dense weights,
+            banks and layer files. Default: MLX's global group when ``mlx.launch`` started this
+            process with others (``mx.distributed.init()``), else none. mlx-lm's models talk over
+            the global group, so pass that one. Every rank must call ``load`` (and then
+            generate) the same way; all check they have the same layout first.
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``: mlx-lm's
@@ -311,25 +356,118 @@ def load(
             memory budget that cannot hold the dense weights, the KV cache and one token's experts
             per layer.
         RuntimeError: ``reader="native"`` where the native reader was not built.
+        RankError: Under a group: a rank failed to load (its error is named), has a different
+            layout, or there are more ranks than MoE layers; raised on every rank (a
+            ``RuntimeError``; ``silent`` on all but rank 0).
         OSError: A file of the layout (or ``trace``) cannot be opened or read.
     """
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
-    root = resolve_model_path(path_or_repo, revision=revision)
-    index = read_index(root)
-    tc = text_config(index.config)
-    _check_config_file(root, index)
-    if verify:  # the dense weights and copied files too, not only each expert read
-        from ..verify import check_copied_files
+    group = world(group)
 
-        check_copied_files(root, index, dense=True)
-    moe_layers = len(index.layers)
+    def open_layout() -> tuple[Path, Index]:
+        if group is not None and trace:
+            raise ValueError("a routing trace is not supported across ranks yet")
+        root = resolve_model_path(path_or_repo, revision=revision)
+        index = read_index(root)
+        _check_config_file(root, index)
+        if verify:  # the dense weights and copied files too, not only each expert read
+            from ..verify import check_copied_files
+
+            check_copied_files(root, index, dense=True)
+        return root, index
+
+    def load_here(root: Path, index: Index, plan: Plan | None):
+        return _load_stage(
+            root,
+            index,
+            group,
+            plan,
+            bank_experts=bank_experts,
+            memory_budget_gb=memory_budget_gb,
+            cache_io_split=cache_io_split,
+            io_threads=io_threads,
+            reader=reader,
+            k=k,
+            verify=verify,
+            direct_io=direct_io,
+            timing=timing,
+            max_kv_tokens=max_kv_tokens,
+            kv_sequences=kv_sequences,
+            trace=trace,
+            drop_dense_cache=drop_dense_cache,
+            prefetch=prefetch,
+            bank_policy=bank_policy,
+            hits_first=hits_first,
+        )
+
+    if group is None:
+        model, tokenizer, config = load_here(*open_layout(), None)
+    else:
+        # Every rank checks its own copy of the layout, then all compare (by the index's bytes)
+        # before any weight is read; a failure anywhere stops every rank.
+        root, index = agree(
+            group,
+            open_layout,
+            identity=lambda v: (v[0] / INDEX_FILE).read_bytes(),
+            what="checking that every rank has the same layout",
+        )
+        try:
+            plan = plan_stages(root, index, group.size())
+        except ValueError as e:  # the same on every rank: rank 0 says it
+            raise RankError(error_line(e), silent=group.rank() != 0) from None
+        model, tokenizer, config = agree(
+            group,
+            lambda: load_here(root, index, plan),
+            discard=lambda v: v[0].flashmoe.close(),
+            what="waiting for the other ranks to load",
+        )
+    if not quiet and model.flashmoe.rank == 0:
+        print(f"flashmoe: {model.flashmoe.budget_note}", file=sys.stderr)
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer
+
+
+def _load_stage(
+    root: Path,
+    index: Index,
+    group,
+    plan: Plan | None,
+    *,
+    bank_experts: int | None,
+    memory_budget_gb: float | None,
+    cache_io_split: int,
+    io_threads: int,
+    reader: str,
+    k: int | None,
+    verify: bool,
+    direct_io: bool,
+    timing: bool,
+    max_kv_tokens: int,
+    kv_sequences: int,
+    trace,
+    drop_dense_cache: bool,
+    prefetch: str,
+    bank_policy: str,
+    hits_first: bool,
+):
+    """``load`` on this process: all the layout's layers, or this rank's stage of ``plan``."""
+    tc = text_config(index.config)
+    stage = None if plan is None else plan.stages[group.rank()]
+    moe_layers = len(index.layers) if stage is None else len(stage.moe_layers)
     top_k = index.top_k if k is None else k
     if not 1 <= top_k <= index.num_experts:
         raise ValueError(f"--k {top_k} is not in 1..{index.num_experts} (experts per layer)")
     if not 1 <= cache_io_split <= MAX_SPLIT:
         raise ValueError(f"cache-io-split must be in 1..{MAX_SPLIT}, got {cache_io_split}")
 
+    dense_bytes = index.dense.size
+    kv_bytes = kv_cache_bytes(tc, max_kv_tokens, kv_sequences)
+    if stage is not None:  # this rank's share: its layers' dense weights and cache
+        dense_bytes = plan.shared_bytes + stage.dense_bytes
+        layers = tc.get("num_hidden_layers") or 1
+        kv_bytes = -(-kv_bytes * (stage.stop - stage.start) // layers)
     if bank_experts is not None:
         if not top_k <= bank_experts <= index.num_experts:
             raise ValueError(
@@ -342,10 +480,10 @@ def load(
         budget = int(memory_budget_gb * GiB) if asked else default_budget(physical_memory())
         slots = slots_for_budget(
             budget,
-            dense_bytes=index.dense.size,
-            kv_bytes=kv_cache_bytes(tc, max_kv_tokens, kv_sequences),
+            dense_bytes=dense_bytes,
+            kv_bytes=kv_bytes,
             expert_bytes=index.expert_bytes,
-            moe_layers=moe_layers,
+            moe_layers=max(1, moe_layers),
             num_experts=index.num_experts,
             min_slots=top_k,
         )
@@ -354,6 +492,8 @@ def load(
             f"bank: {slots} of {index.num_experts} experts per layer "
             f"({slots * moe_layers * index.expert_bytes / GiB:.2f} GiB) from {what}"
         )
+    if plan is not None:
+        note = f"{plan.describe()}; rank {stage.rank} {note}"
     io = make_reader(reader, threads=io_threads)
     try:
         store = ExpertStore(
@@ -367,6 +507,7 @@ def load(
             prefetch=prefetch,
             policy=bank_policy,
             hits_first=hits_first,
+            layers=None if stage is None else stage.moe_layers,
         )
     except BaseException:
         io.close()
@@ -375,7 +516,7 @@ def load(
     try:
         view = _listed_view(root, index)
         try:
-            model, config = _build_model(root, view, index, store, timer, k)
+            model, config = _build_model(root, view, index, store, timer, k, group, plan)
             tokenizer = load_tokenizer(view, eos_token_ids=config.get("eos_token_id", None))
         except (LayoutError, OSError):
             raise
@@ -388,7 +529,7 @@ def load(
     except BaseException:
         store.close()
         raise
-    set_limits(index.dense.size + slots * moe_layers * index.expert_bytes)
+    set_limits(dense_bytes + slots * moe_layers * index.expert_bytes)
     if drop_dense_cache:
         _drop_page_cache(root / index.dense.name)
     try:
@@ -396,12 +537,8 @@ def load(
     except BaseException:
         store.close()
         raise
-    model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note)
-    if not quiet:
-        print(f"flashmoe: {note}", file=sys.stderr)
-    if return_config:
-        return model, tokenizer, config
-    return model, tokenizer
+    model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note, group, plan)
+    return model, tokenizer, config
 
 
 def _drop_page_cache(path: Path) -> None:

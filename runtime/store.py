@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +162,11 @@ _AUTO_MIN_PRECISION = 0.3
 
 
 class ExpertStore:
-    """Streams experts of a layout into per-layer banks of ``slots`` experts."""
+    """Streams experts of a layout into per-layer banks of ``slots`` experts.
+
+    ``layers``: the MoE layers to serve (default all); only their files are opened and only their
+    banks allocated (a pipeline rank streams its own layers).
+    """
 
     def __init__(
         self,
@@ -176,6 +181,7 @@ class ExpertStore:
         prefetch: str = "off",
         policy: str = "lru",
         hits_first: bool = True,
+        layers: Iterable[int] | None = None,
     ):
         from ..layouts.plan import split_plan
 
@@ -237,7 +243,12 @@ class ExpertStore:
         # layer -> (address of slot 0 of each component array, bytes per slot of each)
         self._bank_arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._component_offsets: np.ndarray | None = None
-        for entry in index.layers:
+        wanted = None if layers is None else set(layers)
+        entries = [e for e in index.layers if wanted is None or e.layer in wanted]
+        if wanted is not None and len(entries) != len(wanted):
+            missing = sorted(wanted - {e.layer for e in entries})
+            raise ValueError(f"{self.root}: the layout has no MoE layer {missing[0]}")
+        for entry in entries:
             path = safe_relative_path(self.root, entry.file, "layer file")
             try:
                 size = path.stat().st_size
@@ -246,7 +257,7 @@ class ExpertStore:
             if size != entry.size:
                 raise ValueError(f"{path}: size {size} bytes, index says {entry.size} (truncated?)")
             self._paths[entry.layer] = str(path)
-        for entry in index.layers:  # every bank now, not in the first forward pass
+        for entry in entries:  # every bank now, not in the first forward pass
             self._allocate_bank(entry.layer)
 
     def bank(self, layer: int) -> ExpertBank:

@@ -1,0 +1,288 @@
+"""The ranks of an ``mx.distributed`` group: start-up agreement, one-line errors, no hangs.
+
+mlx-lm's pipelined models talk over MLX's global group (``mx.distributed.init()``, configured by
+``mlx.launch``). Around that, a command needs: every rank checks it has the same layout before
+loading anything; a failure is reported once, by rank 0, and every rank exits non-zero; and no
+rank waits forever for one that vanished (a dead process closes its sockets and MLX raises at
+once; a host that drops off the network does not, hence the watchdog).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import mlx.core as mx
+import numpy as np
+
+from ..cli import EXIT_USAGE, current_prog, error_line, is_user_error
+
+T = TypeVar("T")
+
+TIMEOUT_ENV = "FLASHMOE_RANK_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+_MESSAGE_BYTES = 400  # an error line carried from a rank to rank 0 at start-up
+_LOST = "connection to a peer was lost"  # MLX's ring backend, when a peer's socket closes
+
+
+class RankError(RuntimeError):
+    """A failure that every rank knows about; rank 0 reports it, the others exit silently."""
+
+    def __init__(self, message: str, *, silent: bool):
+        super().__init__(message)
+        self.silent = silent  # flashmoe.cli prints nothing for it (exit 2 all the same)
+
+
+def world(group: mx.distributed.Group | None = None) -> mx.distributed.Group | None:
+    """``group``, else MLX's global group: the ranks ``mlx.launch`` started (connecting to them
+    under the watchdog), or this process alone (then None)."""
+    if group is None:
+        rank = os.environ.get("MLX_RANK", "0")
+        with waiting("connecting to the other ranks", rank=int(rank) if rank.isdigit() else 0):
+            group = mx.distributed.init()
+    if group.size() < 2:
+        return None
+    _filter_ring_messages()
+    return group
+
+
+def timeout_s() -> float:
+    """Seconds a rank waits for the others without progress (``FLASHMOE_RANK_TIMEOUT``)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def agree(
+    group: mx.distributed.Group,
+    prepare: Callable[[], T],
+    identity: Callable[[T], bytes] | None = None,
+    discard: Callable[[T], None] | None = None,
+    what: str = "waiting for the other ranks",
+) -> T:
+    """Run ``prepare`` on every rank, then check that all succeeded (and, with ``identity``,
+    that all have the same identity, compared by sha256).
+
+    A rank whose ``prepare`` fails still takes part in the exchange, so the others never wait
+    for it: every rank raises ``RankError`` naming the first failing rank (or the first whose
+    identity differs from rank 0's), after ``discard``-ing what it prepared. A bug (not a user
+    error) is re-raised where it happened.
+    """
+    rank = group.rank()
+    try:
+        value, failure = prepare(), None
+        mine = hashlib.sha256(identity(value) if identity else b"").digest()
+    except Exception as e:
+        value, failure, mine = None, e, bytes(32)
+    text = b"" if failure is None else error_line(failure).encode()[:_MESSAGE_BYTES]
+    record = np.zeros(1 + 32 + _MESSAGE_BYTES, dtype=np.uint8)
+    record[0] = failure is not None
+    record[1:33] = np.frombuffer(mine, dtype=np.uint8)
+    record[33 : 33 + len(text)] = np.frombuffer(text, dtype=np.uint8)
+    with waiting(what, rank=rank):
+        rows = np.array(all_gather(group, mx.array(record))).reshape(group.size(), -1)
+    if failure is not None and not is_user_error(failure):
+        raise failure
+    error = None
+    for r, row in enumerate(rows):
+        if row[0]:
+            line = bytes(row[33:]).rstrip(b"\0").decode(errors="replace")
+            error = f"rank {r}: {line}"
+            break
+    else:
+        for r, row in enumerate(rows):
+            if bytes(row[1:33]) != bytes(rows[0][1:33]):
+                error = (
+                    f"rank {r} has a different layout than rank 0 (the sha256 of its index "
+                    f"starts {bytes(row[1:7]).hex()}, rank 0's {bytes(rows[0][1:7]).hex()}); "
+                    "every rank needs the same layout"
+                )
+                break
+    if error is not None:
+        if failure is None and discard is not None:
+            discard(value)
+        raise RankError(error, silent=rank != 0)
+    return value
+
+
+def settle() -> None:
+    """Wait for the model's work in flight (mlx-lm's generation ends with a step evaluated
+    asynchronously, whose collectives would otherwise pair up with ours across ranks)."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
+def all_gather(group: mx.distributed.Group, x: mx.array) -> mx.array:
+    """``x`` of every rank, concatenated along axis 0 (evaluated, on the CPU stream)."""
+    settle()
+    out = mx.distributed.all_gather(x, group=group, stream=mx.cpu)
+    mx.eval(out)
+    return out
+
+
+def gather_rows(group: mx.distributed.Group, values: list[float], what: str) -> list[list[float]]:
+    """Every rank's ``values`` (same length everywhere), by rank."""
+    with waiting(what, rank=group.rank()):
+        out = all_gather(group, mx.array(np.array(values, dtype=np.float32)))
+    return np.array(out).reshape(group.size(), -1).tolist()
+
+
+def shared_seed(group: mx.distributed.Group, seed: int | None) -> int:
+    """``seed``, or rank 0's random one: every rank must sample the same tokens."""
+    if seed is not None:
+        return seed
+    mine = int(np.random.default_rng().integers(0, 2**31)) if group.rank() == 0 else 0
+    settle()
+    with waiting("agreeing on a seed", rank=group.rank()):
+        out = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
+        return int(out.item())
+
+
+def barrier(group: mx.distributed.Group, what: str) -> None:
+    """Return once every rank got here."""
+    settle()
+    with waiting(what, rank=group.rank()):
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
+@contextmanager
+def reporting(group: mx.distributed.Group | None) -> Iterator[None]:
+    """Turn MLX's lost-connection error into one ``RankError`` (reported by rank 0 only)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if group is None or _LOST not in str(e):
+            raise
+        raise RankError(
+            "lost the connection to another rank (it exited, or its host is unreachable)",
+            silent=group.rank() != 0,
+        ) from None
+
+
+# --- the watchdog ---
+
+
+class _Watchdog:
+    """Ends the process (exit 2, one line from rank 0) when a wait makes no progress for
+    ``timeout_s()``: a blocked receive from a host that vanished never returns otherwise."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._armed: tuple[str, int, float, Callable[[], object] | None, object] | None = None
+        self._thread: threading.Thread | None = None
+        self._since = 0.0
+
+    def arm(self, what: str, rank: int, progress: Callable[[], object] | None) -> None:
+        limit = timeout_s()
+        with self._lock:
+            seen = progress() if progress else None
+            self._armed = (what, rank, limit, progress, seen)
+            self._since = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.2)
+            with self._lock:
+                if self._armed is None:
+                    continue
+                what, rank, limit, progress, seen = self._armed
+                now = progress() if progress else None
+                if now != seen:
+                    self._armed = (what, rank, limit, progress, now)
+                    self._since = time.monotonic()
+                    continue
+                if time.monotonic() - self._since < limit:
+                    continue
+            if rank == 0:
+                say(
+                    f"{current_prog()}: error: no progress for {limit:.0f} s while {what} (a rank "
+                    f"died or its host is unreachable; {TIMEOUT_ENV} sets the limit)"
+                )
+            os._exit(EXIT_USAGE)
+
+
+_watchdog = _Watchdog()
+
+
+@contextmanager
+def waiting(
+    what: str, *, rank: int, progress: Callable[[], object] | None = None
+) -> Iterator[None]:
+    """Watch a block that waits for other ranks: no change of ``progress()`` (if given) for
+    ``timeout_s()`` ends the process."""
+    _watchdog.arm(what, rank, progress)
+    try:
+        yield
+    finally:
+        _watchdog.disarm()
+
+
+# --- MLX's ring messages on stderr ---
+
+_real_stderr: int | None = None
+
+
+def say(line: str) -> None:
+    """Write one line to the real standard error, past the filter (safe before ``os._exit``)."""
+    sys.stderr.flush()
+    os.write(2 if _real_stderr is None else _real_stderr, (line + "\n").encode())
+
+
+def _filter_ring_messages() -> None:
+    """Drop libmlx's ``[ring] ...`` lines from stderr: when a peer goes away it prints a dozen
+    ("Socket N was closed by the peer", ...) before the error, which we report in one line.
+    Kept when ``MLX_RING_VERBOSE`` asks for them; everything else passes unchanged."""
+    global _real_stderr
+    if _real_stderr is not None or os.environ.get("MLX_RING_VERBOSE"):
+        return
+    sys.stderr.flush()
+    _real_stderr = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    pump = threading.Thread(target=_pump, args=(read, _real_stderr), daemon=True)
+    pump.start()
+
+    def restore() -> None:  # at exit: fd 2 back, so the pump sees EOF after the last line
+        sys.stderr.flush()
+        os.dup2(_real_stderr, 2)
+        pump.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def _pump(read: int, out: int) -> None:
+    tag = b"[ring]"
+    pending = b""
+    while chunk := os.read(read, 65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        text = b"".join(line + b"\n" for line in lines if not line.startswith(tag))
+        if pending and not tag.startswith(pending[: len(tag)]):
+            text, pending = text + pending, b""  # a partial line that cannot be ours: now
+        if text:
+            os.write(out, text)
+    if pending and not pending.startswith(tag):
+        os.write(out, pending)
