@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 
@@ -63,15 +65,25 @@ def _prompt_tokens(args, tokenizer) -> list[int]:
 def generate(
     model, tokenizer, prompt: list[int], args, out=sys.stdout, err=sys.stderr
 ) -> list[int]:
-    """Stream a completion to ``out``; with ``args.timing`` print statistics to ``err``."""
+    """Stream a completion to ``out``; with ``args.timing`` print statistics to ``err``.
+
+    A pipelined model (``load`` under a group) runs this on every rank: rank 0 writes, the
+    others pass ``os.devnull`` streams; the per-rank figures are gathered to rank 0.
+    """
     import mlx.core as mx
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    rt = model.flashmoe
+    group = rt.group
+    if group is not None:  # every rank samples, so all must draw the same numbers
+        from .group import shared_seed
+
+        args.seed = shared_seed(group, args.seed)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    rt = model.flashmoe
     stats, timing = rt.store.stats, rt.timing
+    transfer = None
     if args.timing:
         warm = warm_up(model, prompt, err)
         print(
@@ -79,6 +91,10 @@ def generate(
             "decode step; not counted in TTFT)",
             file=err,
         )
+        if group is not None:
+            from .pipeline import transfer_seconds
+
+            transfer = transfer_seconds(model, group)
     stats.reset()
     if timing:
         timing.reset()
@@ -89,23 +105,24 @@ def generate(
     response = None
     notice = start_slow_notice(err=err)
     try:
-        for response in stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
-        ):
-            if first is None:
-                notice.cancel()
-                first = (
-                    time.perf_counter() - start,
-                    stats.misses,
-                    stats.hits,
-                    stats.bytes_read,
-                    stats.io_seconds,
-                    (timing.dense, timing.router, timing.compute) if timing else None,
-                    time.perf_counter(),
-                )
-            tokens.append(response.token)
-            out.write(response.text)
-            out.flush()
+        with _watched(rt, lambda: (stats.calls, len(tokens))):
+            for response in stream_generate(
+                model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
+            ):
+                if first is None:
+                    notice.cancel()
+                    first = (
+                        time.perf_counter() - start,
+                        stats.misses,
+                        stats.hits,
+                        stats.bytes_read,
+                        stats.io_seconds,
+                        (timing.dense, timing.router, timing.compute) if timing else None,
+                        time.perf_counter(),
+                    )
+                tokens.append(response.token)
+                out.write(response.text)
+                out.flush()
     finally:
         notice.cancel()
     out.write("\n")
@@ -119,9 +136,16 @@ def generate(
             f"TTFT {ttft * 1000:.0f} ms",
             f"decode: {len(tokens)} tokens, {n / decode_s if n and decode_s else 0:.2f} tok/s"
             f" ({response.generation_tps:.2f} tok/s by mlx-lm)",
-            f"bank: {rt.slots} experts/layer, hit rate {stats.hit_rate * 100:.1f}% overall",
         ]
-        if n:
+        if group is not None:
+            from .pipeline import rank_lines
+
+            lines += rank_lines(rt, n, first, transfer)
+        else:
+            lines.append(
+                f"bank: {rt.slots} experts/layer, hit rate {stats.hit_rate * 100:.1f}% overall"
+            )
+        if n and group is None:
             miss, hit = stats.misses - m0, stats.hits - h0
             rate = hit / (hit + miss) if hit + miss else 0.0
             io_ms = (stats.io_seconds - io0) * 1000 / n
@@ -153,11 +177,30 @@ def generate(
     return tokens
 
 
+def _watched(rt, progress):
+    """The watchdog over a generation on a pipelined model (no progress for the rank timeout
+    ends the process); nothing for a single process."""
+    if rt.group is None:
+        return contextlib.nullcontext()
+    from .group import waiting
+
+    return waiting("generating", rank=rt.rank, progress=progress)
+
+
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
-    """``flashmoe-run``; exit codes as every flashmoe command (``flashmoe.cli``)."""
+    """``flashmoe-run``; exit codes as every flashmoe command (``flashmoe.cli``).
+
+    Under ``mlx.launch`` every rank runs this: the model is split across the ranks (``load``),
+    rank 0 prints the text and the figures, and an error on any rank ends every rank.
+    """
     args = build_parser().parse_args(argv)
+    from .group import RankError, agree, reporting, world
+
+    group = world()
     if args.demo:
+        if group is not None:
+            raise RankError("--demo runs in one process", silent=group.rank() != 0)
         from .demo import run_demo
 
         return run_demo(args)
@@ -167,12 +210,43 @@ def main(argv: list[str] | None = None) -> int:
     from .loader import load
 
     if is_plain_checkpoint_repo(args.model, args.revision):
+        if group is not None:  # each rank would convert (and ask) on its own
+            raise RankError(
+                f"{args.model} is a checkpoint, not a layout: convert it on every machine "
+                "first (flashmoe-convert), then run the layout across ranks",
+                silent=group.rank() != 0,
+            )
         args.model = str(convert_into_cache(args.model, yes=args.yes, revision=args.revision))
-    model, tokenizer = load(args.model, **load_options(args), timing=args.timing, quiet=False)
+    model, tokenizer = load(
+        args.model, **load_options(args), timing=args.timing, quiet=False, group=group
+    )
     try:
-        prompt = _prompt_tokens(args, tokenizer)
-        check_prompt_length(model, len(prompt))
-        generate(model, tokenizer, prompt, args)
+        with reporting(group):
+
+            def prepare() -> list[int]:
+                prompt = _prompt_tokens(args, tokenizer)
+                check_prompt_length(model, len(prompt))
+                return prompt
+
+            if group is None:
+                prompt = prepare()
+            else:  # the same prompt on every rank, or a one-line error from rank 0
+                prompt = agree(
+                    group,
+                    prepare,
+                    identity=lambda p: repr(p).encode(),
+                    what="reading the prompt",
+                    differs="prompt",
+                )
+            if model.flashmoe.rank == 0:
+                generate(model, tokenizer, prompt, args)
+            else:
+                with open(os.devnull, "w") as null:
+                    generate(model, tokenizer, prompt, args, out=null, err=null)
+            if group is not None:
+                from .group import barrier
+
+                barrier(group, "finishing")
     finally:
         model.flashmoe.close()  # writes the rest of a --trace, closes files and reader
     return 0

@@ -58,6 +58,9 @@ def warm_up(model, prompt: list[int], err=sys.stderr) -> float:
         cache = make_prompt_cache(model)
         logits = model(mx.array(prompt)[None], cache=cache)
         token = mx.argmax(logits[:, -1, :], axis=-1)
+        # Evaluated apart: in a pipelined model, this step's all-gather must run on every rank
+        # before the next step's receive (the next step's router syncs would interleave them).
+        mx.eval(token)
         mx.eval(model(token[:, None], cache=cache))
     seconds = time.perf_counter() - t0
     model.flashmoe.store.clear_banks()

@@ -73,14 +73,16 @@ def agree(
     identity: Callable[[T], bytes] | None = None,
     discard: Callable[[T], None] | None = None,
     what: str = "waiting for the other ranks",
+    differs: str = "layout",
 ) -> T:
     """Run ``prepare`` on every rank, then check that all succeeded (and, with ``identity``,
     that all have the same identity, compared by sha256).
 
     A rank whose ``prepare`` fails still takes part in the exchange, so the others never wait
     for it: every rank raises ``RankError`` naming the first failing rank (or the first whose
-    identity differs from rank 0's), after ``discard``-ing what it prepared. A bug (not a user
-    error) is re-raised where it happened.
+    identity differs from rank 0's: "a different ``differs``"), after ``discard``-ing what it
+    prepared. A bug (not a user error) is re-raised where it happened. ``what`` names the wait
+    for the watchdog.
     """
     rank = group.rank()
     try:
@@ -107,9 +109,9 @@ def agree(
         for r, row in enumerate(rows):
             if bytes(row[1:33]) != bytes(rows[0][1:33]):
                 error = (
-                    f"rank {r} has a different layout than rank 0 (the sha256 of its index "
-                    f"starts {bytes(row[1:7]).hex()}, rank 0's {bytes(rows[0][1:7]).hex()}); "
-                    "every rank needs the same layout"
+                    f"rank {r} has a different {differs} than rank 0 (sha256 "
+                    f"{bytes(row[1:7]).hex()}... vs {bytes(rows[0][1:7]).hex()}...); every "
+                    f"rank needs the same {differs}"
                 )
                 break
     if error is not None:

@@ -13,10 +13,14 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import resource
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..layouts import Index, LayoutError, text_config
@@ -153,3 +157,89 @@ def split_model(model: nn.Module, group, plan: Plan) -> None:
             f"mlx-lm placed layers {inner.start_idx}-{inner.end_idx - 1} on rank "
             f"{stage.rank}, the plan {stage.start}-{stage.stop - 1}"
         )
+
+
+def transfer_seconds(model: nn.Module, group, rounds: int = 20) -> float:
+    """Seconds per decode token spent moving activations, measured alone: the pipeline's own
+    pattern (a ``[1, 1, hidden]`` hidden state from each rank to the next, then the
+    all-gather that hands the last one to every rank), without any layer in between."""
+    from .group import settle
+
+    rank, size = group.rank(), group.size()
+    embed = getattr(model.model, "embed_tokens", None)
+    if embed is not None:  # one token's hidden state, in its dtype
+        x = embed(mx.array([[0]]))
+    else:
+        x = mx.zeros((1, 1, text_config(rt_config(model))["hidden_size"]), dtype=mx.float16)
+
+    def once() -> None:
+        h = x
+        if rank < size - 1:
+            h = mx.distributed.recv_like(h, rank + 1, group=group)
+        if rank > 0:
+            h = mx.distributed.send(h, rank - 1, group=group)
+        mx.eval(mx.distributed.all_gather(h, group=group)[: h.shape[0]])
+
+    settle()
+    once()  # the first use sets up buffers
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        once()
+    return (time.perf_counter() - t0) / rounds
+
+
+def rt_config(model: nn.Module) -> dict:
+    return model.flashmoe.index.config
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def rank_lines(rt, n: int, first: tuple, transfer: float | None) -> list[str]:
+    """Every rank's figures since the first token, gathered to rank 0 as ``--timing`` lines
+    (the same call on every rank; only rank 0's return value is printed)."""
+    from .group import gather_rows
+
+    stats, timing = rt.store.stats, rt.timing
+    _, m0, h0, b0, io0, t0, _ = first
+    stage = rt.plan.stages[rt.rank]
+    phases = [0.0, 0.0, 0.0]
+    if timing is not None and t0 is not None:
+        now = (timing.dense, timing.router, timing.compute)
+        phases = [a - b for a, b in zip(now, t0, strict=True)]
+    row = [
+        stage.start,
+        stage.stop - 1,
+        rt.slots,
+        stats.hits - h0,
+        stats.misses - m0,
+        (stats.bytes_read - b0) / 1e6,
+        (stats.io_seconds - io0) * 1000,
+        *(p * 1000 for p in phases),
+        peak_rss_bytes() / 1e6,
+    ]
+    rows = gather_rows(rt.group, row, "collecting the per-rank figures")
+    per = max(1, n)
+    lines = []
+    for r, (a, b, slots, hit, miss, mb, io_ms, dense, router, compute, rss) in enumerate(rows):
+        rate = hit / (hit + miss) * 100 if hit + miss else 0.0
+        line = (
+            f"rank {r}: layers {a:.0f}-{b:.0f}, bank {slots:.0f} experts/layer, per decode "
+            f"token: hit rate {rate:.1f}%, {mb / per:.2f} MB read, expert I/O {io_ms / per:.2f} "
+            f"ms exposed"
+        )
+        if timing is not None:
+            line += (
+                f", expert compute {compute / per:.2f} ms, router sync {router / per:.2f} ms, "
+                f"dense + waiting for the previous rank {dense / per:.2f} ms"
+            )
+        lines.append(f"{line}; peak RSS {rss:.0f} MB")
+    if transfer is not None:
+        lines.append(
+            f"transfers: {transfer * 1000:.3f} ms per token (the hidden state through "
+            f"{len(rows)} ranks and back, measured alone at warm-up)"
+        )
+    return lines
