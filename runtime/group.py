@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -45,7 +46,7 @@ def world(group: mx.distributed.Group | None = None) -> mx.distributed.Group | N
     under the watchdog), or this process alone (then None)."""
     if group is None:
         rank = os.environ.get("MLX_RANK", "0")
-        with waiting("connecting to the other ranks", rank=int(rank) if rank.isdigit() else 0):
+        with _guarded("connecting to the other ranks", rank=int(rank) if rank.isdigit() else 0):
             group = mx.distributed.init()
     if group.size() < 2:
         return None
@@ -74,13 +75,15 @@ def agree(
     discard: Callable[[T], None] | None = None,
     what: str = "waiting for the other ranks",
     differs: str = "layout",
+    compared: str = "",
 ) -> T:
     """Run ``prepare`` on every rank, then check that all succeeded (and, with ``identity``,
     that all have the same identity, compared by sha256).
 
     A rank whose ``prepare`` fails still takes part in the exchange, so the others never wait
     for it: every rank raises ``RankError`` naming the first failing rank (or the first whose
-    identity differs from rank 0's: "a different ``differs``"), after ``discard``-ing what it
+    identity differs from rank 0's: "a different ``differs``", ``compared`` naming what was
+    hashed), after ``discard``-ing what it
     prepared. A bug (not a user error) is re-raised where it happened. ``what`` names the wait
     for the watchdog.
     """
@@ -109,9 +112,8 @@ def agree(
         for r, row in enumerate(rows):
             if bytes(row[1:33]) != bytes(rows[0][1:33]):
                 error = (
-                    f"rank {r} has a different {differs} than rank 0 (sha256 "
-                    f"{bytes(row[1:7]).hex()}... vs {bytes(rows[0][1:7]).hex()}...); every "
-                    f"rank needs the same {differs}"
+                    f"rank {r} has a different {differs} than rank 0 ({compared}sha256 "
+                    f"{bytes(row[1:7]).hex()}... vs {bytes(rows[0][1:7]).hex()}...)"
                 )
                 break
     if error is not None:
@@ -219,14 +221,47 @@ class _Watchdog:
                 if time.monotonic() - self._since < limit:
                     continue
             if rank == 0:
-                say(
-                    f"{current_prog()}: error: no progress for {limit:.0f} s while {what} (a rank "
-                    f"died or its host is unreachable; {TIMEOUT_ENV} sets the limit)"
-                )
+                say(_timeout_line(what, limit))
             os._exit(EXIT_USAGE)
 
 
 _watchdog = _Watchdog()
+
+
+def _timeout_line(what: str, limit: float) -> str:
+    return (
+        f"{current_prog()}: error: no answer from the other ranks for {limit:.0f} s while {what} "
+        f"(one died, never started or cannot be reached; {TIMEOUT_ENV} sets the limit)"
+    )
+
+
+# A helper process that kills its parent unless its stdin closes first (EOF: the parent is done,
+# or gone). It checks that its parent is still the same process before it kills.
+_GUARD = """
+import os, select, signal, sys
+ready, _, _ = select.select([0], [], [], float(sys.argv[1]))
+if not ready and os.getppid() == int(sys.argv[2]):
+    if sys.argv[3]:
+        os.write(2, sys.argv[3].encode() + b"\\n")
+    os.kill(int(sys.argv[2]), signal.SIGKILL)
+"""
+
+
+@contextmanager
+def _guarded(what: str, *, rank: int) -> Iterator[None]:
+    """``waiting`` for a call that holds the GIL, so no thread of ours runs until it returns
+    (MLX's connect: the rank that accepts waits forever for a peer that never starts)."""
+    limit = timeout_s()
+    line = _timeout_line(what, limit) if rank == 0 else ""
+    guard = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _GUARD, str(limit), str(os.getpid()), line],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        yield
+    finally:
+        guard.stdin.close()
+        guard.wait()
 
 
 @contextmanager

@@ -410,7 +410,7 @@ def load(
             group,
             open_layout,
             identity=lambda v: (v[0] / INDEX_FILE).read_bytes(),
-            differs=f"layout ({INDEX_FILE})",
+            compared=f"{INDEX_FILE} ",
             what="checking that every rank has the same layout",
         )
         try:

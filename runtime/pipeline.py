@@ -107,7 +107,7 @@ def plan_stages(root: Path, index: Index, ranks: int) -> Plan:
     moe = sorted(entry.layer for entry in index.layers)
     if ranks > len(moe):
         raise ValueError(
-            f"{ranks} ranks but the model has {len(moe)} MoE layers: use at most {len(moe)} ranks"
+            f"{ranks} ranks for {len(moe)} MoE layers: every rank needs one (use at most {len(moe)})"
         )
     layers = text_config(index.config).get("num_hidden_layers")
     if not isinstance(layers, int) or layers <= max(moe):
