@@ -352,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
+    from .group import one_process_only
     from .loader import load
+
+    one_process_only(PROG)
 
     model, tokenizer = load(args.model, **load_options(args), quiet=False)
     if args.seed is not None:

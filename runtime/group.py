@@ -31,6 +31,10 @@ TIMEOUT_ENV = "FLASHMOE_RANK_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 _MESSAGE_BYTES = 400  # an error line carried from a rank to rank 0 at start-up
 _LOST = "connection to a peer was lost"  # MLX's ring backend, when a peer's socket closes
+# What libmlx prints on stderr when a peer's socket closes; it then fails the pending tasks, but
+# an evaluation waiting on one of them may never return (seen with mlx-lm's asynchronous step).
+_LOST_MARKERS = (b"was closed by the peer", b"Too many send/recv errors")
+_LOST_GRACE_S = 3.0  # time for the error to surface on its own before the watchdog steps in
 
 
 class RankError(RuntimeError):
@@ -52,6 +56,16 @@ def world(group: mx.distributed.Group | None = None) -> mx.distributed.Group | N
         return None
     _filter_ring_messages()
     return group
+
+
+def one_process_only(prog: str) -> None:
+    """Stop every rank (one line from rank 0) when ``mlx.launch`` started ``prog`` on several:
+    it does not run across ranks."""
+    group = world()
+    if group is not None:
+        raise RankError(
+            f"{prog} runs in one process; across ranks, use flashmoe-run", silent=group.rank() != 0
+        )
 
 
 def timeout_s() -> float:
@@ -173,10 +187,10 @@ def reporting(group: mx.distributed.Group | None) -> Iterator[None]:
     except RuntimeError as e:
         if group is None or _LOST not in str(e):
             raise
-        raise RankError(
-            "lost the connection to another rank (it exited, or its host is unreachable)",
-            silent=group.rank() != 0,
-        ) from None
+        raise RankError(LOST_LINE, silent=group.rank() != 0) from None
+
+
+LOST_LINE = "lost the connection to another rank (it exited, or its host is unreachable)"
 
 
 # --- the watchdog ---
@@ -184,13 +198,20 @@ def reporting(group: mx.distributed.Group | None) -> Iterator[None]:
 
 class _Watchdog:
     """Ends the process (exit 2, one line from rank 0) when a wait makes no progress for
-    ``timeout_s()``: a blocked receive from a host that vanished never returns otherwise."""
+    ``timeout_s()`` (a blocked receive from a host that vanished never returns otherwise), or
+    does not end within a few seconds of libmlx saying that a peer's socket closed."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._armed: tuple[str, int, float, Callable[[], object] | None, object] | None = None
         self._thread: threading.Thread | None = None
         self._since = 0.0
+        self._lost_at: float | None = None
+
+    def peer_lost(self) -> None:
+        with self._lock:
+            if self._lost_at is None:
+                self._lost_at = time.monotonic()
 
     def arm(self, what: str, rank: int, progress: Callable[[], object] | None) -> None:
         limit = timeout_s()
@@ -213,6 +234,9 @@ class _Watchdog:
                 if self._armed is None:
                     continue
                 what, rank, limit, progress, seen = self._armed
+                lost = self._lost_at is not None
+                if lost and time.monotonic() - self._lost_at > _LOST_GRACE_S:
+                    break
                 now = progress() if progress else None
                 if now != seen:
                     self._armed = (what, rank, limit, progress, now)
@@ -220,9 +244,11 @@ class _Watchdog:
                     continue
                 if time.monotonic() - self._since < limit:
                     continue
-            if rank == 0:
-                say(_timeout_line(what, limit))
-            os._exit(EXIT_USAGE)
+                lost = False
+                break
+        if rank == 0:
+            say(f"{current_prog()}: error: {LOST_LINE}" if lost else _timeout_line(what, limit))
+        os._exit(EXIT_USAGE)
 
 
 _watchdog = _Watchdog()
@@ -289,18 +315,19 @@ def say(line: str) -> None:
 
 
 def _filter_ring_messages() -> None:
-    """Drop libmlx's ``[ring] ...`` lines from stderr: when a peer goes away it prints a dozen
-    ("Socket N was closed by the peer", ...) before the error, which we report in one line.
-    Kept when ``MLX_RING_VERBOSE`` asks for them; everything else passes unchanged."""
+    """Drop libmlx's ``[ring] ...`` lines from stderr (kept with ``MLX_RING_VERBOSE``): when a
+    peer goes away it prints a dozen ("Socket N was closed by the peer", ...) before the error,
+    which we report in one line; they also tell the watchdog. Everything else passes unchanged."""
     global _real_stderr
-    if _real_stderr is not None or os.environ.get("MLX_RING_VERBOSE"):
+    if _real_stderr is not None:
         return
     sys.stderr.flush()
     _real_stderr = os.dup(2)
     read, write = os.pipe()
     os.dup2(write, 2)
     os.close(write)
-    pump = threading.Thread(target=_pump, args=(read, _real_stderr), daemon=True)
+    keep = bool(os.environ.get("MLX_RING_VERBOSE"))
+    pump = threading.Thread(target=_pump, args=(read, _real_stderr, keep), daemon=True)
     pump.start()
 
     def restore() -> None:  # at exit: fd 2 back, so the pump sees EOF after the last line
@@ -311,15 +338,17 @@ def _filter_ring_messages() -> None:
     atexit.register(restore)
 
 
-def _pump(read: int, out: int) -> None:
+def _pump(read: int, out: int, keep: bool) -> None:
     tag = b"[ring]"
     pending = b""
     while chunk := os.read(read, 65536):
         *lines, pending = (pending + chunk).split(b"\n")
-        text = b"".join(line + b"\n" for line in lines if not line.startswith(tag))
+        if any(line.startswith(tag) and any(m in line for m in _LOST_MARKERS) for line in lines):
+            _watchdog.peer_lost()
+        text = b"".join(line + b"\n" for line in lines if keep or not line.startswith(tag))
         if pending and not tag.startswith(pending[: len(tag)]):
             text, pending = text + pending, b""  # a partial line that cannot be ours: now
         if text:
             os.write(out, text)
-    if pending and not pending.startswith(tag):
+    if pending and (keep or not pending.startswith(tag)):
         os.write(out, pending)

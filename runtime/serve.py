@@ -486,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
             "it has no authentication and runs whatever prompts it receives",
             file=sys.stderr,
         )
+    from .group import one_process_only
     from .loader import load
 
+    one_process_only(PROG)
     model, tokenizer = load(
         args.model,
         **load_options(args),

@@ -1,0 +1,213 @@
+"""Pipeline-parallel generation over mx.distributed: real ranks on 127.0.0.1, MLX's ring backend.
+
+Each rank is a process started the way ``mlx.launch`` starts it (``MLX_RANK`` and a ring
+hostfile in ``MLX_HOSTFILE``); one test goes through ``mlx.launch`` itself. Every process has a
+timeout, and is killed by the test if it outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from flashmoe.layouts import read_index
+from flashmoe.runtime import load
+from flashmoe.runtime.pipeline import balanced_ranges, plan_stages
+
+RANK_SCRIPT = Path(__file__).with_name("distributed_rank.py")
+PROMPT_TEXT = "Streaming experts from a solid state disk. What is the capital of France? Paris."
+TIMEOUT_S = 120
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _hostfile(tmp_path: Path, ranks: int) -> Path:
+    path = tmp_path / f"hosts-{ranks}.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
+    return path
+
+
+def _start(argvs: list[list[str]], hostfile: Path, **env) -> list[subprocess.Popen]:
+    """One process per rank (``argvs[r]`` for rank r), as mlx.launch starts them."""
+    procs = []
+    for rank, argv in enumerate(argvs):
+        e = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **env}
+        procs.append(subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[tuple]:
+    """(returncode, stdout, stderr) of each; any process still running at the deadline is
+    killed and fails the test."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out.decode(), err.decode()))
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:
+            p.kill()
+            p.wait()
+    assert not hung, "a rank was still running at the deadline"
+    return results
+
+
+def _run(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "flashmoe.runtime.cli", *argv]
+
+
+def _prompt(tokenizer) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT_TEXT}], add_generation_prompt=True
+    )
+
+
+def test_stages_balanced_by_bytes(layout):
+    _, out = layout("qwen3_5_moe")
+    index = read_index(out)
+    plan = plan_stages(out, index, 2)
+    # rank 0 runs the last layers (mlx-lm's pipeline order), each rank half of the 4 layers
+    assert [(s.start, s.stop, s.moe_layers) for s in plan.stages] == [
+        (2, 4, (2, 3)),
+        (0, 2, (0, 1)),
+    ]
+    assert plan.split == [2, 2]
+    assert balanced_ranges([5, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 6)]
+    assert balanced_ranges([1, 1, 1, 1], 3) == [(0, 1), (1, 2), (2, 4)]
+    with pytest.raises(ValueError, match="5 ranks for 4 MoE layers"):
+        plan_stages(out, index, 5)
+
+
+def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
+    src, out = layout("qwen3_5_moe")
+    ref_model, tokenizer = mlx_lm.load(str(src))
+    prompt = _prompt(tokenizer)
+    ref_logits = np.array(ref_model(mx.array(prompt)[None]).astype(mx.float32))
+    ref_tokens = [r.token for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, 24)]
+    index = read_index(out)
+    top_k, experts = index.top_k, index.num_experts
+    banks = sorted({top_k, max(top_k, experts // 4), experts})  # min, 25 %, 100 %
+
+    base = tmp_path / "out"
+    argv = [sys.executable, str(RANK_SCRIPT), str(out), str(base), json.dumps(prompt), "24"]
+    procs = _start([argv + [str(b) for b in banks]] * 2, _hostfile(tmp_path, 2))
+    for code, _, err in _finish(procs):
+        assert code == 0, err
+
+    # one process, the smallest bank: the same numbers, and the same expert reads in all
+    model, tok = load(str(out), bank_experts=banks[0])
+    single_logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
+    single_tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, 24)]
+    single_misses = model.flashmoe.store.stats.misses
+    model.flashmoe.close()
+
+    ranks = [np.load(f"{base}.rank{r}.npz") for r in range(2)]
+    figures = [json.loads(Path(f"{base}.rank{r}.json").read_text()) for r in range(2)]
+    for bank in banks:
+        for r in range(2):  # every rank computes the same logits (mlx-lm's all-gather)
+            assert np.array_equal(ranks[r][f"logits{bank}"], ref_logits), (bank, r)
+            assert ranks[r][f"tokens{bank}"].tolist() == ref_tokens, (bank, r)
+        # each rank holds the banks and files of its own MoE layers only
+        assert figures[0][str(bank)]["banks"] == [2, 3]
+        assert figures[1][str(bank)]["banks"] == [0, 1]
+        assert figures[0][str(bank)]["layer_files"] == figures[1][str(bank)]["layer_files"] == 2
+    assert np.array_equal(single_logits, ref_logits) and single_tokens == ref_tokens
+    assert sum(f[str(banks[0])]["misses"] for f in figures) == single_misses
+
+
+def test_flashmoe_run_under_mlx_launch_three_ranks(layout, tmp_path):
+    src, out = layout("qwen3_5_moe")
+    ref_model, tokenizer = mlx_lm.load(str(src))
+    text = "".join(
+        r.text for r in mlx_lm.stream_generate(ref_model, tokenizer, _prompt(tokenizer), 12)
+    )
+    port = _free_ports(1)[0]
+    launch = (
+        "import sys; from importlib.metadata import entry_points; "
+        "(ep,) = entry_points(group='console_scripts', name='mlx.launch'); "
+        "sys.argv[0] = 'mlx.launch'; ep.load()()"
+    )
+    argv = [sys.executable, "-c", launch, "--hosts", ",".join(["127.0.0.1"] * 3)]
+    argv += ["--starting-port", str(port), "--"]  # "--": mlx.launch has a -p of its own
+    argv += _run([str(out), "-p", PROMPT_TEXT, "-m", "12", "--bank-experts", "4", "--timing"])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.stdout == text + "\n", r.stderr  # rank 0 alone prints: stock mlx-lm's text
+    for rank, layers in enumerate(("2-3", "1-1", "0-0")):  # the middle rank receives and sends
+        assert f"[timing] rank {rank}: layers {layers}, bank 4 experts/layer" in r.stderr, r.stderr
+    assert "[timing] transfers:" in r.stderr
+
+
+def test_a_different_layout_stops_every_rank(layout, tmp_path):
+    _, out = layout("qwen3_5_moe")
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    index = json.loads((out / "flashmoe-index.json").read_text())
+    index["created_by"] = "another converter"
+    (other / "flashmoe-index.json").write_text(json.dumps(index))
+    procs = _start([_run([str(out)]), _run([str(other)])], _hostfile(tmp_path, 2))
+    (code0, out0, err0), (code1, out1, err1) = _finish(procs)
+    assert code0 == code1 == 2
+    assert err0.splitlines() == [
+        f"flashmoe-run: error: rank 1 has a different layout than rank 0 "
+        f"(flashmoe-index.json sha256 {err0.split('sha256 ')[1].split(')')[0]})"
+    ]
+    assert out0 == out1 == err1 == ""
+
+
+def test_a_rank_that_dies_stops_the_others(layout, tmp_path):
+    _, out = layout("qwen3_5_moe")
+    argv = _run([str(out), "-m", "4000", "--ignore-chat-template", "-p", "Hello"])
+    procs = _start([argv, argv], _hostfile(tmp_path, 2))
+    try:
+        ready, _, _ = select.select([procs[0].stdout], [], [], TIMEOUT_S)
+        assert ready, "rank 0 printed nothing"
+        procs[1].send_signal(signal.SIGKILL)  # mid-generation
+        (code0, _, err0), (code1, _, _) = _finish(procs, timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert code1 == -signal.SIGKILL
+    assert code0 == 2
+    lines = [line for line in err0.splitlines() if not line.startswith("flashmoe: pipeline")]
+    assert lines == [
+        "flashmoe-run: error: lost the connection to another rank (it exited, or its host is "
+        "unreachable)"
+    ]
+
+
+def test_a_rank_that_never_starts_times_out(layout, tmp_path):
+    _, out = layout("qwen3_5_moe")
+    hostfile = _hostfile(tmp_path, 2)
+    procs = _start([_run([str(out)])], hostfile, FLASHMOE_RANK_TIMEOUT="2")
+    ((code, stdout, err),) = _finish(procs, timeout=60)
+    assert code != 0
+    assert err.splitlines() == [
+        "flashmoe-run: error: no answer from the other ranks for 2 s while connecting to the "
+        "other ranks (one died, never started or cannot be reached; FLASHMOE_RANK_TIMEOUT sets "
+        "the limit)"
+    ]
