@@ -83,29 +83,18 @@ def generate(
     if args.seed is not None:
         mx.random.seed(args.seed)
     stats, timing = rt.store.stats, rt.timing
-    transfer = None
-    if args.timing:
-        warm = warm_up(model, prompt, err)
-        print(
-            f"[timing] warm-up {warm:.2f} s (first-use kernel compile, one prefill and one "
-            "decode step; not counted in TTFT)",
-            file=err,
-        )
-        if group is not None:
-            from .pipeline import transfer_seconds
-
-            transfer = transfer_seconds(model, group)
-    stats.reset()
-    if timing:
-        timing.reset()
-    sampler = make_sampler(args.temp, args.top_p, args.min_p)
     tokens: list[int] = []
-    start = time.perf_counter()
-    first = None
-    response = None
-    notice = start_slow_notice(err=err)
-    try:
-        with _watched(rt, lambda: (stats.calls, len(tokens))):
+    with _watched(rt, lambda: (stats.calls, len(tokens))):
+        transfer = _warm_up(model, prompt, args, err)
+        stats.reset()
+        if timing:
+            timing.reset()
+        sampler = make_sampler(args.temp, args.top_p, args.min_p)
+        start = time.perf_counter()
+        first = None
+        response = None
+        notice = start_slow_notice(err=err)
+        try:
             for response in stream_generate(
                 model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
             ):
@@ -123,8 +112,8 @@ def generate(
                 tokens.append(response.token)
                 out.write(response.text)
                 out.flush()
-    finally:
-        notice.cancel()
+        finally:
+            notice.cancel()
     out.write("\n")
     out.flush()
     if args.timing and response is not None and first is not None:
@@ -175,6 +164,24 @@ def generate(
         for line in lines:
             print(f"[timing] {line}", file=err)
     return tokens
+
+
+def _warm_up(model, prompt: list[int], args, err) -> float | None:
+    """With ``--timing``: the warm-up step, and on a pipelined model the seconds per token of
+    its transfers (measured alone); None otherwise."""
+    if not args.timing:
+        return None
+    warm = warm_up(model, prompt, err)
+    print(
+        f"[timing] warm-up {warm:.2f} s (first-use kernel compile, one prefill and one "
+        "decode step; not counted in TTFT)",
+        file=err,
+    )
+    if model.flashmoe.group is None:
+        return None
+    from .pipeline import transfer_seconds
+
+    return transfer_seconds(model, model.flashmoe.group)
 
 
 def _watched(rt, progress):

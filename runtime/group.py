@@ -3,8 +3,9 @@
 mlx-lm's pipelined models talk over MLX's global group (``mx.distributed.init()``, configured by
 ``mlx.launch``). Around that, a command needs: every rank checks it has the same layout before
 loading anything; a failure is reported once, by rank 0, and every rank exits non-zero; and no
-rank waits forever for one that vanished (a dead process closes its sockets and MLX raises at
-once; a host that drops off the network does not, hence the watchdog).
+rank waits forever for one that vanished. A dead process closes its sockets and MLX usually raises
+at once, but not always (an evaluation waiting on a failed transfer can hang), and a host that
+drops off the network raises nothing: hence the watchdog.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ def world(group: mx.distributed.Group | None = None) -> mx.distributed.Group | N
     """``group``, else MLX's global group: the ranks ``mlx.launch`` started (connecting to them
     under the watchdog), or this process alone (then None)."""
     if group is None:
-        rank = os.environ.get("MLX_RANK", "0")
-        with _guarded("connecting to the other ranks", rank=int(rank) if rank.isdigit() else 0):
+        rank = os.environ.get("MLX_RANK")
+        if rank is None:  # no launcher configured a ring: nothing to connect to, no wait
             group = mx.distributed.init()
+        else:
+            with _guarded("connecting to the other ranks", rank=int(rank) if rank.isdigit() else 0):
+                group = mx.distributed.init()
     if group.size() < 2:
         return None
     _filter_ring_messages()
@@ -97,9 +101,8 @@ def agree(
     A rank whose ``prepare`` fails still takes part in the exchange, so the others never wait
     for it: every rank raises ``RankError`` naming the first failing rank (or the first whose
     identity differs from rank 0's: "a different ``differs``", ``compared`` naming what was
-    hashed), after ``discard``-ing what it
-    prepared. A bug (not a user error) is re-raised where it happened. ``what`` names the wait
-    for the watchdog.
+    hashed), after ``discard``-ing what it prepared. A bug (not a user error) is re-raised where
+    it happened. ``what`` names the wait for the watchdog.
     """
     rank = group.rank()
     try:

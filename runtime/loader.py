@@ -364,10 +364,12 @@ def load(
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
     group = world(group)
+    if group is not None and trace:
+        raise RankError(
+            "a routing trace is not supported across ranks yet", silent=group.rank() != 0
+        )
 
     def open_layout() -> tuple[Path, Index]:
-        if group is not None and trace:
-            raise ValueError("a routing trace is not supported across ranks yet")
         root = resolve_model_path(path_or_repo, revision=revision)
         index = read_index(root)
         _check_config_file(root, index)

@@ -29,6 +29,7 @@ from flashmoe.runtime.pipeline import balanced_ranges, plan_stages
 RANK_SCRIPT = Path(__file__).with_name("distributed_rank.py")
 PROMPT_TEXT = "Streaming experts from a solid state disk. What is the capital of France? Paris."
 TIMEOUT_S = 120
+TOKENS = 16
 
 
 def _free_ports(n: int) -> list[int]:
@@ -106,13 +107,14 @@ def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
     ref_model, tokenizer = mlx_lm.load(str(src))
     prompt = _prompt(tokenizer)
     ref_logits = np.array(ref_model(mx.array(prompt)[None]).astype(mx.float32))
-    ref_tokens = [r.token for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, 24)]
+    ref_tokens = [r.token for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, TOKENS)]
     index = read_index(out)
     top_k, experts = index.top_k, index.num_experts
-    banks = sorted({top_k, max(top_k, experts // 4), experts})  # min, 25 %, 100 %
+    # min, 25 % (the same 4 of this model's 16), 50 %, 100 %: one launch checks them all
+    banks = sorted({top_k, max(top_k, experts // 4), experts // 2, experts})
 
     base = tmp_path / "out"
-    argv = [sys.executable, str(RANK_SCRIPT), str(out), str(base), json.dumps(prompt), "24"]
+    argv = [sys.executable, str(RANK_SCRIPT), str(out), str(base), json.dumps(prompt), str(TOKENS)]
     procs = _start([argv + [str(b) for b in banks]] * 2, _hostfile(tmp_path, 2))
     for code, _, err in _finish(procs):
         assert code == 0, err
@@ -120,7 +122,7 @@ def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
     # one process, the smallest bank: the same numbers, and the same expert reads in all
     model, tok = load(str(out), bank_experts=banks[0])
     single_logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
-    single_tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, 24)]
+    single_tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, TOKENS)]
     single_misses = model.flashmoe.store.stats.misses
     model.flashmoe.close()
 
@@ -142,7 +144,7 @@ def test_flashmoe_run_under_mlx_launch_three_ranks(layout, tmp_path):
     src, out = layout("qwen3_5_moe")
     ref_model, tokenizer = mlx_lm.load(str(src))
     text = "".join(
-        r.text for r in mlx_lm.stream_generate(ref_model, tokenizer, _prompt(tokenizer), 12)
+        r.text for r in mlx_lm.stream_generate(ref_model, tokenizer, _prompt(tokenizer), 8)
     )
     port = _free_ports(1)[0]
     launch = (
@@ -152,7 +154,7 @@ def test_flashmoe_run_under_mlx_launch_three_ranks(layout, tmp_path):
     )
     argv = [sys.executable, "-c", launch, "--hosts", ",".join(["127.0.0.1"] * 3)]
     argv += ["--starting-port", str(port), "--"]  # "--": mlx.launch has a -p of its own
-    argv += _run([str(out), "-p", PROMPT_TEXT, "-m", "12", "--bank-experts", "4", "--timing"])
+    argv += _run([str(out), "-p", PROMPT_TEXT, "-m", "8", "--bank-experts", "4", "--timing"])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.stdout == text + "\n", r.stderr  # rank 0 alone prints: stock mlx-lm's text
     for rank, layers in enumerate(("2-3", "1-1", "0-0")):  # the middle rank receives and sends
