@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import resource
 import struct
 import sys
@@ -24,8 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layouts import Index, LayoutError, text_config
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+from ..layouts.families import layer_of_module_path
 
 
 @dataclass(frozen=True)
@@ -114,9 +112,9 @@ def plan_stages(root: Path, index: Index, ranks: int) -> Plan:
         raise LayoutError(f"{root}: config's num_hidden_layers does not cover the MoE layers")
     dense, shared = [0] * layers, 0
     for name, nbytes in dense_tensor_bytes(root / index.dense.name).items():
-        m = _LAYER_KEY.search(name)
-        if m and "mtp." not in name and int(m.group(1)) < layers:
-            dense[int(m.group(1))] += nbytes
+        layer = layer_of_module_path(name)
+        if layer is not None and "mtp." not in name and layer < layers:
+            dense[layer] += nbytes
         else:
             shared += nbytes
     experts = {layer: index.num_experts * index.expert_bytes for layer in moe}
