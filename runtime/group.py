@@ -149,6 +149,16 @@ def settle() -> None:
     mx.synchronize()
 
 
+def finish(group: mx.distributed.Group) -> None:
+    """Wait for this rank's work in flight before it closes or exits (under the watchdog; a
+    failure there is the one already being reported, if any)."""
+    with waiting("finishing", rank=group.rank()):
+        try:
+            settle()
+        except RuntimeError:
+            pass
+
+
 def all_gather(group: mx.distributed.Group, x: mx.array) -> mx.array:
     """``x`` of every rank, concatenated along axis 0 (evaluated, on the CPU stream)."""
     settle()

@@ -59,7 +59,15 @@ class Runtime:
         return 0 if self.group is None else self.group.rank()
 
     def close(self) -> None:
-        """Close the layer files, the routing trace and the reader; no streaming afterwards."""
+        """Close the layer files, the routing trace and the reader; no streaming afterwards.
+
+        On a pipelined model, first wait for this rank's work in flight (mlx-lm's last step
+        runs asynchronously: a rank that exits before its transfers ran leaves the others
+        waiting); call it on every rank before exiting."""
+        if self.group is not None:
+            from .group import finish
+
+            finish(self.group)
         if getattr(self.store, "trace", None) is not None:
             self.store.trace.close()
         self.store.close()

@@ -116,8 +116,8 @@ def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
     base = tmp_path / "out"
     argv = [sys.executable, str(RANK_SCRIPT), str(out), str(base), json.dumps(prompt), str(TOKENS)]
     procs = _start([argv + [str(b) for b in banks]] * 2, _hostfile(tmp_path, 2))
-    for code, _, err in _finish(procs):
-        assert code == 0, err
+    results = _finish(procs)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err for _, _, err in results)
 
     # one process, the smallest bank: the same numbers, and the same expert reads in all
     model, tok = load(str(out), bank_experts=banks[0])
