@@ -80,6 +80,8 @@ def test_terminal_two_turns_reset_stats_and_ctrl_c(layout):
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(layout):
+    from test_cli import default_sigint
+
     src, out = layout("qwen3_5_moe")
     child = pexpect.spawn(
         sys.executable,
@@ -87,6 +89,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(layout):
         encoding="utf-8",
         timeout=120,
         env=dict(os.environ, PYTHONWARNINGS="ignore", NO_COLOR="1"),
+        preexec_fn=default_sigint,
     )
     try:
         child.expect("> ")

@@ -107,6 +107,13 @@ def test_every_command_reports_a_user_error_in_one_line(tmp_path, capsys, prog, 
     assert err.count("\n") == 1
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT at its default and unblocked, whatever the test process inherited
+    (Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_convert_ctrl_c_exits_130_and_says_how_to_resume(layout, tmp_path):
     src, _ = layout("qwen3_moe")
     out = tmp_path / "out"
@@ -115,6 +122,7 @@ def test_convert_ctrl_c_exits_130_and_says_how_to_resume(layout, tmp_path):
         env=dict(os.environ, **{SLOW_ENV: "0.1"}),
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         partial = out / "experts" / "layer-000.bin.partial"
@@ -127,8 +135,8 @@ def test_convert_ctrl_c_exits_130_and_says_how_to_resume(layout, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT_INTERRUPTED  # was 2 before the shared wrapper
-    assert err.endswith("flashmoe-convert: interrupted (rerun the same command to resume)\n")
+    assert proc.returncode == EXIT_INTERRUPTED, err  # was 2 before the shared wrapper
+    assert err.endswith("flashmoe-convert: interrupted (rerun the same command to resume)\n"), err
 
 
 def test_umbrella_command_runs_each_script(tmp_path, capsys):
