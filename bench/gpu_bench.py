@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=int_list, default=[4], help="cache-io-split list")
     p.add_argument("--prefetch", default="off", help="read-ahead modes to compare, e.g. off,on")
     p.add_argument("--hits-first", default="on", help="hits-first settings to compare: on,off")
+    p.add_argument(
+        "--eager",
+        default="on",
+        help="expert output evaluated as soon as built (on) or at the next sync (off): on,off",
+    )
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -223,14 +228,17 @@ def run(args) -> int:
         for bank in banks:
             for split in args.splits:
                 for mode in modes:
-                    for ahead, hf in itertools.product(
-                        args.prefetch.split(","), args.hits_first.split(",")
+                    for ahead, hf, eager in itertools.product(
+                        args.prefetch.split(","),
+                        args.hits_first.split(","),
+                        args.eager.split(","),
                     ):
                         os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
                         try:
                             r = _measure(
                                 args, root, bank, split, cold, prompt, ref_logits, stock_ids,
                                 load, layer_files, index, ahead.strip(), hf.strip() == "on",
+                                eager.strip() == "on",
                             )  # fmt: skip
                         except Exception as e:  # keep the other rows
                             print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
@@ -242,8 +250,8 @@ def run(args) -> int:
     os.environ.pop("FLASHMOE_CUDA_RESIDENCY", None)
     refs = reference_rates(index, layer_files, args.splits[0], args.io_threads)
     columns = [
-        "bank", "split", "pages", "mode", "ahead/hits-first", "tok/s", "x stock", "TTFT ms", "hit %",
-        "MB/token", "exposed I/O ms", "ahead ms", "precision %", "unused %", "I/O GB/s",
+        "bank", "split", "pages", "mode", "ahead/hits-first/eager", "tok/s", "x stock", "TTFT ms", "hit %",
+        "MB/token", "exposed I/O ms", "sync ms", "host ms", "ahead ms", "precision %", "unused %", "I/O GB/s",
         "dense ms", "router ms", "compute ms", "identical",
     ]  # fmt: skip
     print(table(columns, rows))
@@ -269,7 +277,7 @@ def run(args) -> int:
 
 def _measure(
     args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch,
-    hits_first=True,
+    hits_first=True, eager=True,
 ):  # fmt: skip
     import mlx.core as mx
 
@@ -283,6 +291,7 @@ def _measure(
     )
     model, _ = load(str(root), **kw)
     store = model.flashmoe.store
+    store.eager = eager
     full = bank == index.num_experts
     out = {
         "bank": bank,
@@ -290,6 +299,7 @@ def _measure(
         "pages": "cold" if cold else "warm",
         "prefetch": prefetch,
         "hits_first": hits_first,
+        "eager": eager,
     }
     try:
         out["residency"] = None
@@ -322,6 +332,8 @@ def _measure(
                     hit_rate=s.hit_rate,
                     mb_per_token=s.bytes_read / n / 1e6,
                     io_ms_per_token=s.io_seconds * 1000 / n,
+                    sync_ms_per_token=s.sync_seconds * 1000 / n,
+                    host_ms_per_token=s.host_seconds * 1000 / n,
                     io_gb_s=s.bytes_read / s.io_seconds / 1e9 if s.io_seconds else None,
                     prefetch_ms_per_token=s.prefetch_seconds * 1000 / n,
                     prefetch_precision=s.prefetch_precision,
@@ -339,6 +351,7 @@ def _measure(
         del model
     if args.timing:
         model, _ = load(str(root), timing=True, **kw)
+        model.flashmoe.store.eager = eager
         try:
             if full:
                 _fill(model)
@@ -369,9 +382,11 @@ def _row(r: dict) -> list:
 
     return [
         r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}",
-        f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}",
+        f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}"
+        f"/{'eager' if r.get('eager', True) else 'lazy'}",
         f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
-        f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("prefetch_ms_per_token")),
+        f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("sync_ms_per_token"), 2),
+        f(r.get("host_ms_per_token"), 2), f(r.get("prefetch_ms_per_token")),
         f(r.get("prefetch_precision", 0) * 100), f(r.get("unused_share", 0) * 100),
         f(r.get("io_gb_s"), 2), f(r.get("dense_ms"), 2),
         f(r.get("router_ms"), 2), f(r.get("compute_ms"), 2),

@@ -38,7 +38,10 @@ class StoreStats:
     ``io_seconds`` is the *exposed* expert I/O: wall time the computation waited for reads (its
     own misses, and read-ahead still in flight). ``prefetch_seconds`` is the wall time from each
     read-ahead's submission to the end of its wait (an upper bound of its I/O time, mostly hidden).
-    ``bytes_read`` includes read-ahead. A read-ahead expert is "used" when the layer it was read
+    ``sync_seconds`` is the wall time the streaming layers waited on their router sync (the GPU
+    finishing everything queued before it); ``host_seconds`` their own time after it, exposed I/O
+    excluded (bookkeeping and building the expert graph). ``bytes_read`` includes read-ahead. A
+    read-ahead expert is "used" when the layer it was read
     for routes to it at that step; precision = used / read ahead, recall = used / (used + misses).
     """
 
@@ -53,6 +56,8 @@ class StoreStats:
     prefetch_bytes: int = 0
     prefetch_unused_bytes: int = 0
     prefetch_seconds: float = 0.0
+    sync_seconds: float = 0.0
+    host_seconds: float = 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -73,6 +78,7 @@ class StoreStats:
         self.prefetch_experts = self.prefetch_used = 0
         self.prefetch_bytes = self.prefetch_unused_bytes = 0
         self.io_seconds = self.prefetch_seconds = 0.0
+        self.sync_seconds = self.host_seconds = 0.0
         self.per_layer_misses.clear()
 
 
@@ -191,6 +197,10 @@ class ExpertStore:
             )
         self.prefetch_mode = prefetch
         self.hits_first = hits_first
+        # Start evaluating each layer's expert output as soon as it is built, so the GPU computes
+        # the experts while Python builds the rest of the layer and the next one (a benchmark
+        # knob: off reproduces the lazy path for A/B runs).
+        self.eager = True
         from ..metal.policies import make_policy
 
         make_policy(policy)  # refuses an unknown name now, not at the first bank
