@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchMLP
 
 from ..layouts import Component, family_named, record_size
+from ..layouts.dtypes import DTYPES
 from ..layouts.families import GLU_PROJECTIONS, MLP_PROJECTIONS, layer_of_module_path, top_k_of
 from ..layouts.index import record_version
 from .errors import ConvertError
@@ -24,11 +25,22 @@ from .safetensors_source import Checkpoint, TensorInfo
 V1_MODULE = ".switch_mlp"  # version 1 keys: <source_prefix>.switch_mlp.<component>
 
 
+def _dtype_names() -> dict:
+    import mlx.core as mx
+
+    return {getattr(mx, d.mlx): name for name, d in DTYPES.items() if d.mlx}
+
+
+_DTYPE_NAMES = _dtype_names()
+
+
 @dataclass
 class MoeLayer:
     layer: int
     prefix: str  # source_prefix of the index (FORMAT.md: its meaning depends on the version)
-    tensors: list[TensorInfo]  # the stacked tensors, in component order
+    # the source tensors in component order: per component one stacked [N, ...] tensor, or the
+    # N per-expert tensors mlx-lm's sanitize stacks into it, in expert order
+    tensors: list[TensorInfo]
 
 
 @dataclass
@@ -86,8 +98,38 @@ def _switch_modules(model) -> list[tuple[int, str, object]]:
     return found
 
 
+@dataclass
+class _Piece:
+    """One component's source: a stacked ``[N, ...]`` tensor, or one tensor per expert."""
+
+    name: str  # <projection>.<part>
+    tensors: tuple[TensorInfo, ...]
+    per_expert: bool
+    bits: int
+    group_size: int
+    mode: str
+
+
+def _per_expert(ckpt: Checkpoint, key: str, names: list[str], param, where) -> tuple:
+    """The checkpoint tensors ``sanitize`` stacked into ``key``, checked to be its slices: same
+    dtype, each the shape of one slice (so expert e's bytes are tensor e's bytes)."""
+    missing = [n for n in names if n not in ckpt.tensors]
+    if missing:
+        raise ConvertError(where, f"expert tensor {missing[0]} is in no listed shard")
+    tensors = tuple(ckpt.tensors[n] for n in names)
+    dtype = _DTYPE_NAMES.get(param.dtype)
+    for t in tensors:
+        if t.dtype != dtype or list(t.shape) != list(param.shape[1:]):
+            raise ConvertError(
+                ckpt.path / t.file,
+                f"tensor {t.name}: {t.dtype}{list(t.shape)} is not one expert's slice of "
+                f"{key} ({dtype}{list(param.shape)}) that mlx-lm's sanitize stacks it into",
+            )
+    return tensors
+
+
 def _projection(ckpt: Checkpoint, loaded: LoadedModel, path: str, proj: str, lin, where):
-    """``[(component name, part, checkpoint tensor, bits, group_size, mode)]`` of one projection."""
+    """The ``_Piece`` of every part of one projection."""
     if not isinstance(lin, QuantizedSwitchLinear):
         raise ConvertError(where, f"unsupported quantization: {path}.{proj} is not quantized")
     parts = ["weight", "scales"]
@@ -100,55 +142,80 @@ def _projection(ckpt: Checkpoint, loaded: LoadedModel, path: str, proj: str, lin
     out = []
     for part in parts:
         key = f"{path}.{proj}.{part}"
+        q = (lin.bits, lin.group_size, lin.mode)
         source = loaded.sources.get(key)
+        if key in loaded.stacked:
+            names = loaded.stacked[key]
+            tensors = _per_expert(ckpt, key, names, lin[part], where)
+            out.append(_Piece(f"{proj}.{part}", tensors, True, *q))
+            continue
         if source is None:
+            how = (
+                "stacked by mlx-lm's sanitize from arrays it first computed from the "
+                "checkpoint's tensors (a view, a cast, a transpose...)"
+                if key in loaded.stacked_computed
+                else "computed by mlx-lm's sanitize from other tensors (a concatenation, a "
+                "split, a cast, a transpose...)"
+            )
             raise ConvertError(
                 where,
-                f"expert tensor {key} is computed by mlx-lm's sanitize from other tensors "
-                "(per-expert or converted source tensors), so it cannot be copied byte-exact; "
+                f"expert tensor {key} is {how}, so it cannot be copied byte-exact; "
                 "convert the checkpoint with mlx_lm.convert first",
             )
         if source not in ckpt.tensors:
             raise ConvertError(where, f"expert tensor {source} is in no listed shard")
-        out.append((f"{proj}.{part}", ckpt.tensors[source], lin.bits, lin.group_size, lin.mode))
+        out.append(_Piece(f"{proj}.{part}", (ckpt.tensors[source],), False, *q))
     return out
 
 
 def _layer_plan(ckpt: Checkpoint, loaded: LoadedModel, layer: int, path: str, module, where):
     projections = GLU_PROJECTIONS if isinstance(module, SwitchGLU) else MLP_PROJECTIONS
-    pieces = []
+    pieces: list[_Piece] = []
     for proj in projections:
         pieces += _projection(ckpt, loaded, path, proj, getattr(module, proj), where)
-    names = {f"{path}.{name}" for name, *_ in pieces}
+    names = {f"{path}.{p.name}" for p in pieces}
     params = (f"{path}.{k}" for k, _ in tree_flatten(module.parameters()))
     extra = sorted(k for k in params if k not in names)
     if extra:
         raise ConvertError(
             where, f"expert module {path} has parameters flashmoe does not stream ({extra[0]})"
         )
-    num_experts = pieces[0][1].shape[0]
+    first = pieces[0]
+    num_experts = len(first.tensors) if first.per_expert else first.tensors[0].shape[0]
     comps, offset = [], 0
     prefixes = set()
-    for name, t, bits, group_size, mode in pieces:
-        if not t.shape or t.shape[0] != num_experts or t.nbytes % num_experts:
-            raise ConvertError(
-                ckpt.path / t.file,
-                f"tensor {t.name}: shape {list(t.shape)} is not one slice per expert of "
-                f"{num_experts}",
-            )
-        if not t.name.endswith("." + name):
-            raise ConvertError(
-                ckpt.path / t.file, f"tensor {t.name}: expected a name ending in .{name}"
-            )
-        prefixes.add(t.name[: -len(name) - 1])
-        nbytes = t.nbytes // num_experts
+    for p in pieces:
+        t = p.tensors[0]
+        if p.per_expert:
+            if len(p.tensors) != num_experts:
+                raise ConvertError(
+                    ckpt.path / t.file,
+                    f"tensor {t.name}: mlx-lm's sanitize stacks {len(p.tensors)} tensors into "
+                    f"{path}.{p.name}, not one per expert of {num_experts}",
+                )
+            # no stacked tensor to name: the key the stacked checkpoint would hold
+            prefixes.add(path)
+            shape, nbytes = list(t.shape), t.nbytes
+        else:
+            if not t.shape or t.shape[0] != num_experts or t.nbytes % num_experts:
+                raise ConvertError(
+                    ckpt.path / t.file,
+                    f"tensor {t.name}: shape {list(t.shape)} is not one slice per expert of "
+                    f"{num_experts}",
+                )
+            if not t.name.endswith("." + p.name):
+                raise ConvertError(
+                    ckpt.path / t.file, f"tensor {t.name}: expected a name ending in .{p.name}"
+                )
+            prefixes.add(t.name[: -len(p.name) - 1])
+            shape, nbytes = list(t.shape[1:]), t.nbytes // num_experts
         comps.append(
-            Component(name, t.dtype, list(t.shape[1:]), offset, nbytes, bits, group_size, mode)
+            Component(p.name, t.dtype, shape, offset, nbytes, p.bits, p.group_size, p.mode)
         )
         offset += nbytes
     if len(prefixes) != 1:
         raise ConvertError(where, f"layer {layer}: expert tensors have several key prefixes")
-    return num_experts, comps, prefixes.pop(), [t for _, t, *_ in pieces]
+    return num_experts, comps, prefixes.pop(), [t for p in pieces for t in p.tensors]
 
 
 def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertPlan:

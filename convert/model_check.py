@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.nn as nn
@@ -77,11 +77,16 @@ class LoadedModel:
 
     model: nn.Module
     # model parameter name -> the checkpoint tensor it is, or None where mlx-lm's ``sanitize``
-    # made it from other tensors (stacked per-expert tensors, a cast, a transpose...)
+    # computed it from other tensors (a cast, a transpose, a split, a concatenation...)
     sources: dict[str, str | None]
     # checkpoint tensors mlx-lm's ``sanitize`` discards (a vision tower, MTP layers), where it
-    # is sure: sanitize only renamed and discarded, and gives the same result without them
+    # is sure: sanitize only renamed, stacked and discarded, and gives the same result without them
     unused: list[str]
+    # model parameter name -> the checkpoint tensors ``sanitize`` ``mx.stack``-ed into it, in
+    # order (per-expert tensors: expert e's slice of the parameter is tensor e, byte for byte)
+    stacked: dict[str, list[str]] = field(default_factory=dict)
+    # model parameters ``sanitize`` stacked from arrays it computed first (a cast, a transpose)
+    stacked_computed: set[str] = field(default_factory=set)
 
 
 def mlx_lm_module(config: dict) -> str:
@@ -96,8 +101,33 @@ def mlx_lm_module(config: dict) -> str:
     return model_class.__module__.rsplit(".", 1)[-1]
 
 
-def _probing_classes(sources: dict, unused: list):
-    """``get_model_classes`` for ``load_model`` that records what ``sanitize`` did to each key."""
+@contextmanager
+def _recording_stacks(calls: list) -> Iterator[None]:
+    """Record every ``mx.stack(arrays, axis)`` as ``(result, arrays, axis)`` while active.
+
+    The arrays stay referenced in ``calls``, so their ``id``s are not reused while it lives.
+    """
+    import mlx.core as mx
+
+    stack = mx.stack
+
+    def recording(arrays, axis=0, **kwargs):
+        arrays = list(arrays)
+        result = stack(arrays, axis, **kwargs)
+        calls.append((result, arrays, axis))
+        return result
+
+    mx.stack = recording
+    try:
+        yield
+    finally:
+        mx.stack = stack
+
+
+def _probing_classes(loaded: LoadedModel):
+    """``get_model_classes`` for ``load_model`` that records in ``loaded`` what ``sanitize`` did
+    to each key: renamed (the same array), ``mx.stack``-ed (per-expert tensors), discarded, or
+    anything else (computed)."""
     from mlx_lm.utils import _get_classes
 
     def get_classes(config: dict):
@@ -111,14 +141,30 @@ def _probing_classes(sources: dict, unused: list):
 
                 originals = dict(weights)  # holds every array, so no id below is reused
                 by_id = {id(v): k for k, v in originals.items()}
-                out = run(weights)
-                sources.update({k: by_id.get(id(v)) for k, v in out.items()})
-                used = set(sources.values())
-                if None not in used:
+                calls: list = []
+                with _recording_stacks(calls):
+                    out = run(weights)
+                stacks = {id(r): (arrays, axis) for r, arrays, axis in calls}
+                used: set[str] = set()
+                for k, v in out.items():
+                    source = by_id.get(id(v))
+                    loaded.sources[k] = source
+                    if source is not None:
+                        used.add(source)
+                    elif id(v) in stacks:
+                        arrays, axis = stacks[id(v)]
+                        names = [by_id.get(id(a)) for a in arrays]
+                        if axis == 0 and names and None not in names:
+                            del loaded.sources[k]
+                            loaded.stacked[k] = names  # type: ignore[assignment]
+                            used.update(names)  # type: ignore[arg-type]
+                        else:
+                            loaded.stacked_computed.add(k)
+                if None not in loaded.sources.values():
                     discarded = [k for k in originals if k not in used]
                     again = run({k: v for k, v in originals.items() if k in used})
                     if discarded and again.keys() == out.keys():
-                        unused.extend(sorted(discarded))
+                        loaded.unused.extend(sorted(discarded))
                 return out
 
         Probe.__name__ = model_class.__name__
@@ -133,11 +179,10 @@ def check_mlx_lm_loads(src: Path, config: dict, *, tokenizer: bool = True) -> Lo
     from mlx_lm.utils import load_model, load_tokenizer
 
     _check_quantization(config, src / "config.json")
-    sources: dict[str, str | None] = {}
-    unused: list[str] = []
+    loaded = LoadedModel(None, {}, [])  # type: ignore[arg-type]
     try:
-        model, _ = load_model(
-            src, lazy=True, strict=True, get_model_classes=_probing_classes(sources, unused)
+        loaded.model, _ = load_model(
+            src, lazy=True, strict=True, get_model_classes=_probing_classes(loaded)
         )
         if tokenizer:
             with _quiet_transformers():
@@ -147,4 +192,4 @@ def check_mlx_lm_loads(src: Path, config: dict, *, tokenizer: bool = True) -> Lo
             src / "config.json",
             f"mlx-lm cannot load this checkpoint ({type(e).__name__}: {_one_line(e)})",
         ) from None
-    return LoadedModel(model, sources, unused)
+    return loaded

@@ -35,15 +35,41 @@ def _check(stop: threading.Event | None) -> None:
         raise Cancelled
 
 
-def _open_sources(stack: ExitStack, src_dir: Path, tensors: list[TensorInfo]) -> list[int]:
-    """One descriptor per tensor, so each sequential stream keeps its own kernel read-ahead."""
+def component_sources(
+    tensors: list[TensorInfo], components: list[Component], num_experts: int
+) -> list[list[TensorInfo]]:
+    """Split a layer's source tensors (``MoeLayer.tensors``) by component: one stacked
+    ``[N, ...]`` tensor, or N per-expert tensors (told apart by rank)."""
+    out, i = [], 0
+    for c in components:
+        if i < len(tensors) and len(tensors[i].shape) == len(c.shape) + 1:
+            out.append(tensors[i : i + 1])
+            i += 1
+        else:
+            out.append(tensors[i : i + num_experts])
+            i += num_experts
+    if i != len(tensors) or any(not ts for ts in out):
+        raise ValueError(f"{len(tensors)} source tensors do not match {len(components)} components")
+    return out
+
+
+def _open_sources(
+    stack: ExitStack, src_dir: Path, sources: list[list[TensorInfo]]
+) -> list[dict[str, int]]:
+    """Per component, a descriptor per shard file, so each sequential stream keeps its own
+    kernel read-ahead."""
     fds = []
-    for t in tensors:
-        fd = os.open(src_dir / t.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        stack.callback(os.close, fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, t.start, t.nbytes, os.POSIX_FADV_SEQUENTIAL)
-        fds.append(fd)
+    for tensors in sources:
+        by_file: dict[str, int] = {}
+        for name in dict.fromkeys(t.file for t in tensors):
+            fd = os.open(src_dir / name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            stack.callback(os.close, fd)
+            if hasattr(os, "posix_fadvise"):
+                start = min(t.start for t in tensors if t.file == name)
+                end = max(t.end for t in tensors if t.file == name)
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
+            by_file[name] = fd
+        fds.append(by_file)
     return fds
 
 
@@ -52,26 +78,36 @@ def batch_experts(record_size: int, slow: bool) -> int:
 
 
 def read_records(
-    fds: list[int],
+    fds: list[dict[str, int]],
     src_dir: Path,
-    tensors: list[TensorInfo],
+    sources: list[list[TensorInfo]],
     components: list[Component],
     record_size: int,
     first: int,
     count: int,
     buf: memoryview,
 ) -> None:
-    """Scatter experts ``first .. first+count`` from the stacked tensors into ``buf`` as records.
+    """Scatter experts ``first .. first+count`` from their source tensors into ``buf`` as records.
 
     Expert ``e``'s slice of a stacked tensor is contiguous and the slices of consecutive experts
-    are adjacent, so one ``preadv`` per component fills that component in all ``count`` records.
+    are adjacent, so one ``preadv`` per component fills that component in all ``count`` records;
+    per-expert tensors are read in runs of adjacent ones.
     """
-    for fd, t, c in zip(fds, tensors, components, strict=True):
-        views = [
-            buf[i * record_size + c.offset : i * record_size + c.offset + c.nbytes]
-            for i in range(count)
-        ]
-        preadv_full(fd, views, t.start + first * c.nbytes, src_dir / t.file)
+    for by_file, tensors, c in zip(fds, sources, components, strict=True):
+        run: list[memoryview] = []
+        run_file, run_start, run_end = "", 0, 0
+        for i in range(count):
+            e = first + i
+            t = tensors[0] if len(tensors) == 1 else tensors[e]
+            start = t.start + e * c.nbytes if len(tensors) == 1 else t.start
+            if run and (t.file != run_file or start != run_end):
+                preadv_full(by_file[run_file], run, run_start, src_dir / run_file)
+                run = []
+            if not run:
+                run_file, run_start, run_end = t.file, start, start
+            run.append(buf[i * record_size + c.offset : i * record_size + c.offset + c.nbytes])
+            run_end += c.nbytes
+        preadv_full(by_file[run_file], run, run_start, src_dir / run_file)
 
 
 def write_layer(
@@ -91,14 +127,15 @@ def write_layer(
     buf = memoryview(bytearray(batch * record_size))  # padding bytes stay zero: never written
     partial = final.with_name(final.name + ".partial")
     checksums: list[str] = []
+    sources = component_sources(tensors, components, num_experts)
     with ExitStack() as stack:
-        fds = _open_sources(stack, src_dir, tensors)
+        fds = _open_sources(stack, src_dir, sources)
         out = open_for_write(partial, num_experts * record_size)
         try:
             for first in range(0, num_experts, batch):
                 _check(stop)
                 count = min(batch, num_experts - first)
-                read_records(fds, src_dir, tensors, components, record_size, first, count, buf)
+                read_records(fds, src_dir, sources, components, record_size, first, count, buf)
                 for i in range(count):
                     rec = buf[i * record_size : i * record_size + expert_bytes]
                     checksums.append(hashlib.sha256(rec).hexdigest())
@@ -211,15 +248,16 @@ def compare_layer(
     expected_buf, actual_buf = bytearray(batch * record_size), bytearray(batch * record_size)
     expected, actual = memoryview(expected_buf), memoryview(actual_buf)
     expert_bytes = sum(c.nbytes for c in components)
+    sources = component_sources(tensors, components, num_experts)
     with ExitStack() as stack:
-        fds = _open_sources(stack, src_dir, tensors)
+        fds = _open_sources(stack, src_dir, sources)
         out = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         stack.callback(os.close, out)
         for first in range(0, num_experts, batch):
             _check(stop)
             count = min(batch, num_experts - first)
             n = count * record_size
-            read_records(fds, src_dir, tensors, components, record_size, first, count, expected)
+            read_records(fds, src_dir, sources, components, record_size, first, count, expected)
             preadv_full(out, [actual[:n]], first * record_size, path)
             if _differ(expected_buf, actual_buf, n):
                 for i in range(count):

@@ -12,6 +12,8 @@ models are sharded every few hundred KiB so that expert tensors of one layer lan
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -248,3 +250,46 @@ def make_checkpoint(
     lm_utils.save_config(config, config_path=path / "config.json")
     write_tokenizer(path, vocab_size=tc.get("vocab_size", 512))
     return path
+
+
+# How older checkpoints name expert e's projections, per family: mlx-lm's sanitize stacks
+# ``<layer>.<moe>.experts.<e>.<name>.<part>`` into ``<layer>.<moe>.switch_mlp.<proj>.<part>``.
+PER_EXPERT_NAMES = {
+    "mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+    "phimoe": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+}
+_STACKED = re.compile(r"(.*)\.switch_mlp\.(\w+)\.(\w+)$")
+
+
+def write_per_expert(src: str | Path, dst: str | Path, *, shard_bytes: int = 256 * 1024) -> Path:
+    """Rewrite the checkpoint ``src`` into ``dst`` with its stacked expert tensors split into one
+    tensor per expert, named as the family's sanitize expects them (the inverse of its
+    ``mx.stack``), keys sorted and sharded greedily every ``shard_bytes`` as ``make_checkpoint``
+    shards; the other files are copied. Returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    renames = PER_EXPERT_NAMES.get(config["model_type"], {})
+    weights: dict[str, mx.array] = {}
+    for shard in sorted(src.glob("model*.safetensors")):
+        weights.update(mx.load(str(shard)))
+    for key in [k for k in weights if _STACKED.match(k)]:
+        prefix, proj, part = _STACKED.match(key).groups()  # type: ignore[union-attr]
+        stacked = weights.pop(key)
+        for e in range(stacked.shape[0]):
+            weights[f"{prefix}.experts.{e}.{renames.get(proj, proj)}.{part}"] = stacked[e]
+    with _shard_size(shard_bytes):
+        shards = lm_utils.make_shards({k: weights[k] for k in sorted(weights)})
+    name = "model-{:05d}-of-{:05d}.safetensors"
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = name.format(i + 1, len(shards))
+        mx.save_safetensors(str(dst / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}}
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    for p in src.iterdir():
+        if p.is_file() and not p.name.startswith("model"):
+            shutil.copy(p, dst / p.name)
+    return dst

@@ -77,34 +77,6 @@ def test_refused_family_is_one_line(checkpoint, tmp_path):
     )
 
 
-def test_per_expert_source_tensors_are_refused(layout, tmp_path):
-    """A checkpoint with one tensor per expert (mixtral's ``experts.E.w1``, stacked by mlx-lm's
-    sanitize at load time) is refused in one line: flashmoe copies stacked tensors byte-exact."""
-    import shutil
-
-    import mlx.core as mx
-
-    src, _ = layout("mixtral", config=tiny_config("mixtral"), randomize_zeros=True)
-    per_expert = tmp_path / "src"
-    per_expert.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, per_expert / name)
-    weights = {}
-    for shard in sorted(src.glob("model-*.safetensors")):
-        weights.update(mx.load(str(shard)))
-    renames = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-    for key in [k for k in weights if ".switch_mlp." in k]:
-        stacked = weights.pop(key)
-        prefix, proj, part = re.match(r"(.*)\.switch_mlp\.(\w+)\.(\w+)$", key).groups()
-        for e in range(stacked.shape[0]):
-            weights[f"{prefix}.experts.{e}.{renames[proj]}.{part}"] = stacked[e]
-    mx.save_safetensors(str(per_expert / "model.safetensors"), weights, {"format": "mlx"})
-    with pytest.raises(ConvertError) as info:
-        convert_checkpoint(per_expert, tmp_path / "out", progress=False)
-    message = str(info.value)
-    assert "\n" not in message and "is computed by mlx-lm's sanitize" in message, message
-
-
 def test_multimodal_checkpoint_keeps_the_language_model(checkpoint, tmp_path, capsys):
     """Tensors mlx-lm's model discards (a vision tower, MTP layers) are left out of the layout,
     and said so; the text model streams bit-identically."""
