@@ -9,6 +9,7 @@ copied byte-exact and is refused.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from mlx.utils import tree_flatten
@@ -117,14 +118,17 @@ def _per_expert(ckpt: Checkpoint, key: str, names: list[str], param, where) -> t
     if missing:
         raise ConvertError(where, f"expert tensor {missing[0]} is in no listed shard")
     tensors = tuple(ckpt.tensors[n] for n in names)
-    dtype = _DTYPE_NAMES.get(param.dtype)
-    for t in tensors:
-        if t.dtype != dtype or list(t.shape) != list(param.shape[1:]):
-            raise ConvertError(
-                ckpt.path / t.file,
-                f"tensor {t.name}: {t.dtype}{list(t.shape)} is not one expert's slice of "
-                f"{key} ({dtype}{list(param.shape)}) that mlx-lm's sanitize stacks it into",
-            )
+    want = (_DTYPE_NAMES.get(param.dtype), tuple(param.shape[1:]))
+    odd = [t for t in tensors if (t.dtype, t.shape) != want]
+    if odd:
+        # name the tensor unlike the others (mx.stack promoted them all to its dtype)
+        common = Counter((t.dtype, t.shape) for t in tensors).most_common(1)[0][0]
+        t = next((t for t in odd if (t.dtype, t.shape) != common), odd[0])
+        raise ConvertError(
+            ckpt.path / t.file,
+            f"tensor {t.name}: {t.dtype}{list(t.shape)} is not one expert's slice of "
+            f"{key} ({want[0]}{list(param.shape)}) that mlx-lm's sanitize stacks it into",
+        )
     return tensors
 
 
