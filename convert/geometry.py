@@ -279,6 +279,15 @@ def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertP
     )
 
 
+def shards_held(layers: list[MoeLayer], sizes: dict[str, int]) -> int:
+    """The most shard bytes a streamed conversion of ``layers`` holds at once: two shards (one
+    converting, the next downloading), or all the shards of one layer, which it needs together
+    (per-expert tensors of a layer may span more than two). ``sizes``: the shards to fetch."""
+    two = sum(sorted(sizes.values())[-2:])
+    layer = (sum(sizes.get(f, 0) for f in {t.file for t in e.tensors}) for e in layers)
+    return max(two, max(layer, default=0))
+
+
 def unused_summary(names: list[str]) -> str:
     """``vision_tower (245), model.layers.61 (12)``: tensor counts by top-level module (by layer
     under ``model``/``language_model``)."""

@@ -17,7 +17,7 @@ from ..hubio import is_repo_id
 from ..layouts import DEFAULT_ALIGNMENT, copied_files, text_config
 from ..sizing import GiB, default_budget, kv_cache_bytes, physical_memory, slots_for_budget
 from .errors import ConvertError
-from .geometry import check_family, plan_experts
+from .geometry import check_family, plan_experts, shards_held
 from .model_check import check_mlx_lm_loads
 from .remote import list_files, write_replica
 from .safetensors_source import open_checkpoint
@@ -58,9 +58,11 @@ class LayoutPlan:
     layout_bytes: int
     source_bytes: int
     shards: int
-    largest_shards_bytes: int  # the two largest shards: what a streamed conversion holds at most
+    largest_shards_bytes: (
+        int  # what a streamed conversion holds at most: two shards, or one layer's
+    )
     disk_full_download: int  # checkpoint + layout
-    disk_streaming: int  # layout + the two largest shards
+    disk_streaming: int  # layout + largest_shards_bytes
     memory: list[MemoryRow] = field(default_factory=list)
     unknowns: str = UNKNOWNS
 
@@ -79,8 +81,8 @@ class LayoutPlan:
             f"  dense weights: {h(self.dense_bytes)}; layout: {h(self.layout_bytes)}",
             f"  checkpoint: {h(self.source_bytes)} in {self.shards} shard(s)",
             f"  disk needed: {h(self.disk_full_download)} downloading the whole "
-            f"checkpoint, {h(self.disk_streaming)} streaming it (layout + the two "
-            f"largest shards)",
+            f"checkpoint, {h(self.disk_streaming)} streaming it (layout + the shards "
+            f"held at once)",
             "  bank per MoE layer with flashmoe-run's default budget (75 % of RAM, "
             f"{KV_TOKENS} tokens of KV cache):",
         ]
@@ -168,6 +170,9 @@ def _plan_directory(
         shard_sizes = [remote.get(s.name, s.size) for s in ckpt.shards]
     layout = len(plan.layers) * layer_bytes + dense + aux
     sizes = sorted(shard_sizes, reverse=True)
+    held = shards_held(
+        plan.layers, dict(zip((s.name for s in ckpt.shards), shard_sizes, strict=True))
+    )
     source = sum(sizes) + aux
     comp = plan.components[0]
     quant = f"{comp.mode} {comp.bits}-bit" + (
@@ -188,9 +193,9 @@ def _plan_directory(
         layout_bytes=layout,
         source_bytes=source,
         shards=len(sizes),
-        largest_shards_bytes=sum(sizes[:2]),
+        largest_shards_bytes=held,
         disk_full_download=source + layout,
-        disk_streaming=layout + sum(sizes[:2]),
+        disk_streaming=layout + held,
         memory=memory_rows(
             ckpt.config,
             dense=dense,

@@ -389,10 +389,13 @@ class _Job:
         return records
 
     def _check_space(self, pending: list[MoeLayer], dense, order: list[str]) -> None:
-        """Room for the rest of the layout and, where the Hub cache is, two shards at a time."""
+        """Room for the rest of the layout and, where the Hub cache is, two shards at a time (or
+        all the shards of a layer whose per-expert tensors span more)."""
+        from .geometry import shards_held
+
         layout = len(pending) * self.plan.num_experts * self.rec + (dense.size if dense else 0)
-        fetch = sorted(self.files[s].size for s in order if not (self.snap / s).exists())
-        held = sum(fetch[-2:])
+        fetch = {s: self.files[s].size for s in order if not (self.snap / s).exists()}
+        held = shards_held(pending, fetch)
         st_out, st_cache = os.statvfs(self.out), os.statvfs(self.snap)
         free_out = st_out.f_bavail * st_out.f_frsize
         free_cache = st_cache.f_bavail * st_cache.f_frsize

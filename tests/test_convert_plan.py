@@ -51,8 +51,16 @@ def test_plan_matches_the_converted_layout(layout):
         sum(e.size for e in index.layers) + index.dense.size + sum(f.size for f in index.files)
     )
     assert plan.layout_bytes == written
-    shards = sorted((p.stat().st_size for p in src.glob("model*.safetensors")), reverse=True)
-    assert plan.disk_streaming == written + shards[0] + shards[1]
+    sizes = {p.name: p.stat().st_size for p in src.glob("model*.safetensors")}
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    layers: dict[str, set[str]] = {}  # the shards each layer's experts are in
+    for key, shard in weight_map.items():
+        if ".switch_mlp." in key:
+            layers.setdefault(key.split(".switch_mlp.")[0], set()).add(shard)
+    held = max(sum(sizes[s] for s in v) for v in layers.values())
+    held = max(held, sum(sorted(sizes.values())[-2:]))  # or two shards: converting, fetching
+    assert plan.largest_shards_bytes == held
+    assert plan.disk_streaming == written + held
     assert plan.disk_full_download == plan.source_bytes + written
     # the runtime's own sizing rule, for every listed RAM size
     assert [r.ram_bytes for r in plan.memory[1:]] == [n * GiB for n in RAM_SIZES_GB]

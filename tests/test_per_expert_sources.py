@@ -15,12 +15,12 @@ from flashmoe.convert import ConvertError, convert_checkpoint
 from flashmoe.convert.plan import plan_layout
 from identity import assert_identical
 from test_convert_plan import upload_checkpoint
-from test_convert_stream import comparable_index, layout_files
+from test_convert_stream import comparable_index, disk_bytes, layout_files
 
 from flashmoe.family_configs import tiny_config
 from flashmoe.fixtures import write_per_expert
 
-SHARD_BYTES = 128 * 1024  # a layer's per-expert tensors span two or three shards
+SHARD_BYTES = 128 * 1024  # mixtral: a layer's per-expert tensors span two or three shards
 REPO = "flashmoe-test/per-expert-moe"
 
 
@@ -62,21 +62,37 @@ def _weight_map(src: Path) -> dict[str, str]:
 
 def test_streamed_and_planned_from_the_hub(hub, layout, tmp_path):
     """Shards fetched in layer order: a layer waits for all the shards its per-expert tensors
-    are in, and every shard is released once converted; ``--plan`` reads the headers only."""
+    are in (three here), every shard is released once converted, and ``--plan`` (headers only)
+    counts a layer's shards in the disk a streamed conversion needs."""
     src, stacked_out = _stacked(layout, "mixtral")
     per_expert = write_per_expert(src, tmp_path / "src", shard_bytes=SHARD_BYTES)
     upload_checkpoint(hub, per_expert, REPO)
+    shards = {p.name: p.stat().st_size for p in per_expert.glob("model-*.safetensors")}
+    layer_bytes = max(sum(shards[s] for s in v) for v in _shards_per_layer(per_expert).values())
+    assert layer_bytes > sum(sorted(shards.values())[-2:])  # one layer needs three shards
     plan = plan_layout(REPO, progress=False)
     local = plan_layout(per_expert, progress=False)
-    assert (plan.expert_bytes, plan.layout_bytes, plan.moe_layers) == (
+    assert plan.largest_shards_bytes == local.largest_shards_bytes == layer_bytes
+    assert (plan.expert_bytes, plan.layout_bytes, plan.disk_streaming) == (
         local.expert_bytes,
         local.layout_bytes,
-        local.moe_layers,
+        local.disk_streaming,
     )
     out = tmp_path / "out"
-    convert_checkpoint(REPO, out, progress=False)
     cache = Path(hub.env["HF_HUB_CACHE"])
+    peaks = []
+
+    def on_request(method: str, path: str, headers) -> None:
+        name = path.rsplit("/", 1)[-1]
+        if method == "GET" and name in shards and "Range" not in headers:
+            peaks.append(disk_bytes(cache, out) + shards[name])
+
+    hub.on_request = on_request
+    convert_checkpoint(REPO, out, progress=False)
+    hub.on_request = None
+    assert len(peaks) == len(shards)  # each shard fetched once
     assert not list(cache.rglob("model-*.safetensors")), "shards not released"
+    assert max(peaks) <= plan.disk_streaming, (max(peaks), plan.disk_streaming)
     assert layout_files(out) == layout_files(stacked_out)
 
 
