@@ -3,8 +3,9 @@
 ``mlx_lm.utils.load_model(src, lazy=True, strict=True)`` builds the model from ``config.json``,
 applies its quantization and matches every tensor name and shape of the shards against the
 model's parameters, without evaluating a weight (MLX loads safetensors lazily); the tokenizer is
-loaded too. A ``quantization`` entry MLX would crash on (``group_size`` 0) is refused first. A config mlx-lm
-cannot build, an extra dense tensor or a missing MoE layer is refused here, with one line, rather
+loaded too. While ``sanitize`` runs, a probe records which checkpoint tensor each parameter is
+(renamed, or ``mx.stack``-ed from per-expert tensors) and which it discards. A ``quantization``
+entry MLX would crash on (``group_size`` 0) is refused first. A config mlx-lm cannot build, an extra dense tensor or a missing MoE layer is refused here, with one line, rather
 than converted into a layout that fails (or misbehaves) at run time.
 """
 
@@ -117,11 +118,36 @@ def _recording_stacks(calls: list) -> Iterator[None]:
         calls.append((result, arrays, axis))
         return result
 
+    # sanitize calls mx.stack through the module, so swapping it for the call sees each stack's
+    # inputs and axis (the lazy graph shows neither the axis nor which input is which key)
     mx.stack = recording
     try:
         yield
     finally:
         mx.stack = stack
+
+
+def _record(loaded: LoadedModel, originals: dict, out: dict, calls: list) -> set[str]:
+    """Fill ``loaded`` from one ``sanitize(originals) -> out`` that made the ``mx.stack``
+    ``calls``; return the checkpoint keys ``out`` is made of."""
+    by_id = {id(v): k for k, v in originals.items()}
+    stacks = {id(r): (arrays, axis) for r, arrays, axis in calls}
+    used: set[str] = set()
+    for k, v in out.items():
+        if id(v) in by_id:
+            loaded.sources[k] = by_id[id(v)]
+            used.add(by_id[id(v)])
+            continue
+        arrays, axis = stacks.get(id(v), ([], None))
+        names = [by_id[id(a)] for a in arrays if id(a) in by_id]
+        if arrays and axis == 0 and len(names) == len(arrays):
+            loaded.stacked[k] = names
+            used.update(names)
+        else:
+            loaded.sources[k] = None
+            if arrays:
+                loaded.stacked_computed.add(k)
+    return used
 
 
 def _probing_classes(loaded: LoadedModel):
@@ -140,26 +166,10 @@ def _probing_classes(loaded: LoadedModel):
                     return super(Probe, self).sanitize(w) if has_own else w
 
                 originals = dict(weights)  # holds every array, so no id below is reused
-                by_id = {id(v): k for k, v in originals.items()}
                 calls: list = []
                 with _recording_stacks(calls):
                     out = run(weights)
-                stacks = {id(r): (arrays, axis) for r, arrays, axis in calls}
-                used: set[str] = set()
-                for k, v in out.items():
-                    source = by_id.get(id(v))
-                    loaded.sources[k] = source
-                    if source is not None:
-                        used.add(source)
-                    elif id(v) in stacks:
-                        arrays, axis = stacks[id(v)]
-                        names = [by_id.get(id(a)) for a in arrays]
-                        if axis == 0 and names and None not in names:
-                            del loaded.sources[k]
-                            loaded.stacked[k] = names  # type: ignore[assignment]
-                            used.update(names)  # type: ignore[arg-type]
-                        else:
-                            loaded.stacked_computed.add(k)
+                used = _record(loaded, originals, out, calls)
                 if None not in loaded.sources.values():
                     discarded = [k for k in originals if k not in used]
                     again = run({k: v for k, v in originals.items() if k in used})
