@@ -5,8 +5,9 @@ applies its quantization and matches every tensor name and shape of the shards a
 model's parameters, without evaluating a weight (MLX loads safetensors lazily); the tokenizer is
 loaded too. While ``sanitize`` runs, a probe records which checkpoint tensor each parameter is
 (renamed, or ``mx.stack``-ed from per-expert tensors) and which it discards. A ``quantization``
-entry MLX would crash on (``group_size`` 0) is refused first. A config mlx-lm cannot build, an extra dense tensor or a missing MoE layer is refused here, with one line, rather
-than converted into a layout that fails (or misbehaves) at run time.
+entry MLX would crash on (``group_size`` 0) is refused first. A config mlx-lm cannot build, an
+extra dense tensor or a missing MoE layer is refused here, with one line, rather than converted
+into a layout that fails (or misbehaves) at run time.
 """
 
 from __future__ import annotations
