@@ -144,15 +144,14 @@ def _projection(ckpt: Checkpoint, loaded: LoadedModel, path: str, proj: str, lin
     if "bias" in lin:
         parts.append("bias")
     out = []
+    q = (lin.bits, lin.group_size, lin.mode)
     for part in parts:
         key = f"{path}.{proj}.{part}"
-        q = (lin.bits, lin.group_size, lin.mode)
-        source = loaded.sources.get(key)
         if key in loaded.stacked:
-            names = loaded.stacked[key]
-            tensors = _per_expert(ckpt, key, names, lin[part], where)
+            tensors = _per_expert(ckpt, key, loaded.stacked[key], lin[part], where)
             out.append(_Piece(f"{proj}.{part}", tensors, True, *q))
             continue
+        source = loaded.sources.get(key)
         if source is None:
             how = (
                 "stacked by mlx-lm's sanitize from arrays it first computed from the "

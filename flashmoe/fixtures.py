@@ -262,9 +262,9 @@ _STACKED = re.compile(r"(.*)\.switch_mlp\.(\w+)\.(\w+)$")
 
 
 def write_per_expert(src: str | Path, dst: str | Path, *, shard_bytes: int = 256 * 1024) -> Path:
-    """Rewrite the checkpoint ``src`` into ``dst`` with its stacked expert tensors split into one
-    tensor per expert, named as the family's sanitize expects them (the inverse of its
-    ``mx.stack``), keys sorted and sharded greedily every ``shard_bytes`` as ``make_checkpoint``
+    """Rewrite the checkpoint ``src`` into ``dst`` with its stacked ``switch_mlp`` tensors split
+    into one tensor per expert, named as the family's sanitize expects them (the inverse of its
+    ``mx.stack``; ``experts.<e>.<projection>`` unless PER_EXPERT_NAMES says otherwise), keys sorted and sharded greedily every ``shard_bytes`` as ``make_checkpoint``
     shards; the other files are copied. Returns ``dst``."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
