@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(
         args.model, **load_options(args), timing=args.timing, quiet=False, group=group
     )
+    finished = False  # every rank got through: rank 0 may gather the --trace
     try:
         with reporting(group):
 
@@ -254,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .group import barrier
 
                 barrier(group, "finishing")
+            finished = True
     finally:
-        model.flashmoe.close()  # writes the rest of a --trace, closes files and reader
+        # writes the rest of a --trace (on rank 0, with every rank's layers), closes files
+        model.flashmoe.close(gather=finished)
     return 0
 
 

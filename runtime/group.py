@@ -68,7 +68,8 @@ def one_process_only(prog: str) -> None:
     group = world()
     if group is not None:
         raise RankError(
-            f"{prog} runs in one process; across ranks, use flashmoe-run", silent=group.rank() != 0
+            f"{prog} runs in one process; across ranks, use flashmoe-run or flashmoe-serve",
+            silent=group.rank() != 0,
         )
 
 
@@ -167,6 +168,19 @@ def all_gather(group: mx.distributed.Group, x: mx.array) -> mx.array:
     return out
 
 
+def gather_bytes(group: mx.distributed.Group, blob: bytes, what: str) -> list[bytes]:
+    """Every rank's ``blob`` (any lengths), by rank."""
+    with waiting(what, rank=group.rank()):
+        sizes = np.array(all_gather(group, mx.array([len(blob)], dtype=mx.int64))).tolist()
+        longest = max(sizes)
+        if longest == 0:
+            return [b""] * len(sizes)
+        padded = np.zeros(longest, dtype=np.uint8)
+        padded[: len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+        rows = np.array(all_gather(group, mx.array(padded))).reshape(len(sizes), longest)
+    return [row[:n].tobytes() for row, n in zip(rows, sizes, strict=True)]
+
+
 def gather_rows(group: mx.distributed.Group, values: list[float], what: str) -> list[list[float]]:
     """Every rank's ``values`` (same length everywhere), by rank."""
     with waiting(what, rank=group.rank()):
@@ -192,13 +206,18 @@ def barrier(group: mx.distributed.Group, what: str) -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
+def lost_connection(e: BaseException) -> bool:
+    """Whether ``e`` is MLX's error for a peer rank that went away."""
+    return isinstance(e, RuntimeError) and _LOST in str(e)
+
+
 @contextmanager
 def reporting(group: mx.distributed.Group | None) -> Iterator[None]:
     """Turn MLX's lost-connection error into one ``RankError`` (reported by rank 0 only)."""
     try:
         yield
     except RuntimeError as e:
-        if group is None or _LOST not in str(e):
+        if group is None or not lost_connection(e):
             raise
         raise RankError(LOST_LINE, silent=group.rank() != 0) from None
 

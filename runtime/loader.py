@@ -58,19 +58,30 @@ class Runtime:
     def rank(self) -> int:
         return 0 if self.group is None else self.group.rank()
 
-    def close(self) -> None:
-        """Close the layer files, the routing trace and the reader; no streaming afterwards.
+    def close(self, *, gather: bool = True) -> None:
+        """Close the layer files, the routing trace and the reader; no streaming afterwards
+        (a second call does nothing).
 
         On a pipelined model, first wait for this rank's work in flight (mlx-lm's last step
         runs asynchronously: a rank that exits before its transfers ran leaves the others
-        waiting); call it on every rank before exiting."""
-        if self.group is not None:
-            from .group import finish
+        waiting); call it on every rank before exiting. With a routing trace, rank 0 then
+        gathers every rank's layers into its file (a collective: pass ``gather=False`` on
+        every rank after another rank failed; the file then holds rank 0's layers only)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            if self.group is not None:
+                from .group import finish
 
-            finish(self.group)
-        if getattr(self.store, "trace", None) is not None:
-            self.store.trace.close()
-        self.store.close()
+                finish(self.group)
+            trace = getattr(self.store, "trace", None)
+            if trace is not None:
+                trace.close()
+                if self.group is not None:
+                    _gather_trace(self.group, trace.path, gather)
+        finally:
+            self.store.close()
 
 
 def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
@@ -326,7 +337,9 @@ def load(
         trace (str or Path, optional): Record the routed expert ids (and hits) of every MoE layer
             call to this file (zstd, ``flashmoe.runtime.trace``; replay it with ``flashmoe-bench
             policy``); the writer is ``model.flashmoe.store.trace``, flushed by
-            ``model.flashmoe.close()``. Default: no trace.
+            ``model.flashmoe.close()``. Under a group, every rank records its own layers and
+            ``close()`` gathers them into rank 0's file (``path`` on rank 0's machine).
+            Default: no trace.
         drop_dense_cache (bool): Once MLX holds the dense weights, drop the dense file from the
             page cache (Linux), so those bytes are not held twice (``benchmarks/RESULTS.md``,
             "Dense weights"). Default: ``True``.
@@ -372,10 +385,6 @@ def load(
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
     group = world(group)
-    if group is not None and trace:
-        raise RankError(
-            "a routing trace is not supported across ranks yet", silent=group.rank() != 0
-        )
 
     def open_layout() -> tuple[Path, Index]:
         root = resolve_model_path(path_or_repo, revision=revision)
@@ -544,7 +553,7 @@ def _load_stage(
     if drop_dense_cache:
         _drop_page_cache(root / index.dense.name)
     try:
-        store.trace = _trace_writer(trace, root, index, slots, top_k) if trace else None
+        store.trace = _trace_writer(trace, root, index, slots, top_k, group) if trace else None
     except BaseException:
         store.close()
         raise
@@ -568,11 +577,41 @@ def _drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def _trace_writer(path, root: Path, index: Index, slots: int, top_k: int):
+def _trace_writer(path, root: Path, index: Index, slots: int, top_k: int, group=None):
+    """The routing trace's writer; on a rank other than 0 it writes a temporary file, which
+    ``Runtime.close`` hands to rank 0 (``path`` may be the same file on every machine)."""
     from .trace import TraceWriter
 
     meta = {"model": root.name, "slots": slots, "expert_bytes": index.expert_bytes}
+    if group is not None:  # the header is rank 0's: its bank; every rank records its layers
+        meta["ranks"] = group.size()
+        if group.rank() != 0:
+            fd, path = tempfile.mkstemp(prefix=f"flashmoe-trace-rank{group.rank()}-")
+            os.close(fd)
+            atexit.register(_unlink, path)
     layers = max(entry.layer for entry in index.layers) + 1
     return TraceWriter(
         path, num_layers=layers, num_experts=index.num_experts, top_k=top_k, meta=meta
     )
+
+
+def _unlink(path: str | Path) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
+def _gather_trace(group, path: Path, gather: bool) -> None:
+    """Rank 0 appends the other ranks' traces to its own; the others delete theirs."""
+    from .group import gather_bytes
+    from .trace import append_trace
+
+    rank = group.rank()
+    try:
+        if gather:
+            mine = b"" if rank == 0 else path.read_bytes()
+            parts = gather_bytes(group, mine, "collecting the routing trace")
+            if rank == 0:
+                for part in parts[1:]:
+                    append_trace(path, part)
+    finally:
+        if rank != 0:
+            _unlink(path)

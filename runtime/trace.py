@@ -167,9 +167,8 @@ class Trace:
         return max((int(t.step[-1]) + 1 for t in self.layers.values() if t.step.size), default=0)
 
 
-def read_trace(path: str | Path) -> Trace:
-    """Read a trace written by ``TraceWriter`` (a truncated last chunk is an error)."""
-    data = Path(path).read_bytes()
+def _header(data: bytes, path) -> tuple[dict, int]:
+    """The header of a trace's bytes, and where its chunks start."""
     if data[:8] != MAGIC or len(data) < 12:
         raise TraceError(f"{path}: not a flashmoe routing trace")
     (hlen,) = struct.unpack_from("<I", data, 8)
@@ -179,9 +178,33 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path}: bad trace header: {e}") from None
     if header.get("format") != "flashmoe-trace" or header.get("version") != VERSION:
         raise TraceError(f"{path}: unsupported trace format/version {header.get('version')}")
+    return header, 12 + hlen
+
+
+def append_trace(path: str | Path, other: bytes) -> None:
+    """Append the chunks of ``other`` (a whole trace's bytes, header included) to the trace at
+    ``path``: how rank 0 gathers the other ranks' layers into one file. Both must trace the
+    same model (layers, experts, top-k); the reader keeps each layer's rows in file order, and
+    every rank numbers the same forward passes as the same steps."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) == 12:
+            head += f.read(struct.unpack_from("<I", head, 8)[0])
+    mine, _ = _header(head, path)
+    theirs, start = _header(other, f"{path} (another rank's part)")
+    keys = ("num_layers", "num_experts", "top_k")
+    if [mine[k] for k in keys] != [theirs[k] for k in keys]:
+        raise TraceError(f"{path}: another rank traced a different model")
+    with open(path, "ab") as f:
+        f.write(other[start:])
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a trace written by ``TraceWriter`` (a truncated last chunk is an error)."""
+    data = Path(path).read_bytes()
+    header, pos = _header(data, path)
     per: dict[int, tuple[list, list, list]] = {}
     dctx = zstandard.ZstdDecompressor()
-    pos = 12 + hlen
     while pos < len(data):
         if pos + 4 > len(data):
             raise TraceError(f"{path}: truncated chunk header at byte {pos}")
@@ -232,4 +255,4 @@ def _decode_chunk(raw: bytes, top_k: int, per: dict) -> None:
         lists[2].append(steps[rows_of])
 
 
-__all__ = ["LayerTrace", "Trace", "TraceError", "TraceWriter", "read_trace"]
+__all__ = ["LayerTrace", "Trace", "TraceError", "TraceWriter", "append_trace", "read_trace"]
