@@ -16,6 +16,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import re
 import select
 import socket
@@ -52,7 +53,23 @@ class GenerationFailed(RuntimeError):
 
 
 _CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+_STOP = "flashmoe-serve: stop"  # shared by rank 0 in place of a request: every rank stops
+_STOP_WAIT_S = 10.0  # a rank other than 0, after a Ctrl-C: how long rank 0 has to stop it
 _DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+class _Relay:
+    """A request's response queue that notes an error put after its generation started."""
+
+    def __init__(self, queue):
+        self.queue, self.started, self.failure = queue, False, None
+
+    def put(self, item) -> None:
+        if isinstance(item, Exception) and self.started:
+            self.failure = GenerationFailed(f"generation failed: {error_line(item)}")
+            item = self.failure
+        self.started = self.started or not isinstance(item, Exception)
+        self.queue.put(item)
 
 
 def _status_for(e: Exception) -> int:
@@ -84,8 +101,15 @@ def is_loopback(host: str) -> bool:
 
 
 def runtime_stats(runtime) -> dict:
-    """The expert store's counters (since the server started) and the bank geometry."""
+    """The expert store's counters (since the server started) and the bank geometry; across
+    ranks, rank 0's: its MoE layers only (``ranks``, ``layers``)."""
     s = runtime.store.stats
+    moe_layers = len(runtime.index.layers)
+    extra = {}
+    if runtime.plan is not None:
+        stage = runtime.plan.stages[runtime.rank]
+        moe_layers = len(stage.moe_layers)
+        extra = {"ranks": len(runtime.plan.stages), "layers": [stage.start, stage.stop - 1]}
     return {
         "hits": s.hits,
         "misses": s.misses,
@@ -95,16 +119,17 @@ def runtime_stats(runtime) -> dict:
         "calls": s.calls,
         "bank_experts": runtime.slots,
         "num_experts": runtime.index.num_experts,
-        "moe_layers": len(runtime.index.layers),
+        "moe_layers": moe_layers,
         "expert_bytes": runtime.index.expert_bytes,
         "top_k": runtime.top_k,
+        **extra,
     }
 
 
 def _server_classes():
     """The subclasses of mlx_lm.server's classes (imported lazily: mlx_lm.server is heavy)."""
     from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator
+    from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, _image_parts
 
     class FlashmoeModelProvider(ModelProvider):
         """Serves the one streamed model it was given; ``model`` names are aliases of it."""
@@ -134,21 +159,44 @@ def _server_classes():
         """Stock generation loop, restarted when a step raises: the requests it had taken fail
         with GenerationFailed, later ones are served. Three failures in a row that took no
         request mean the loop cannot run: ``on_fatal`` is called (the server shuts down and
-        exits non-zero rather than answer 503 forever)."""
+        exits non-zero rather than answer 503 forever).
+
+        Across ranks (mlx-lm's distributed mode: every rank runs this loop, rank 0 shares each
+        request it takes), a failure is fatal at once, since the ranks may no longer be in
+        step, and rank 0's ``stop_and_join`` shares a stop with the other ranks, so that every
+        loop ends at the same point."""
 
         def __init__(self, *args, on_fatal: Callable[[BaseException], None] | None = None):
             self._taken: weakref.WeakSet = weakref.WeakSet()  # response queues of taken requests
             self._taken_lock = threading.Lock()
             self.on_fatal = on_fatal
             self.fatal: BaseException | None = None
+            self.rounds = 0  # polls of the request queue: across ranks, the watchdog's progress
+            self.stop_code: int | None = None  # across ranks: rank 0's exit code, once stopped
             super().__init__(*args)
 
         def _next_request(self, timeout=None):
             item = super()._next_request(timeout)
+            self.rounds += 1
+            if item is not None and isinstance(item[1], str):  # _STOP, from rank 0
+                self.stop_code = item[2]
+                self._stop = True
+                return None
             if item is not None:
                 with self._taken_lock:
                     self._taken.add(item[0])
             return item
+
+        def stop_and_join(self, code: int = 0):
+            """Stop the loop; across ranks, rank 0 stops every rank's (``code`` is what the
+            others exit with)."""
+            if not self._is_distributed:
+                return super().stop_and_join()
+            if self._rank == 0:
+                from queue import Queue
+
+                self.requests.put((Queue(), _STOP, code))  # taken after the requests before it
+            self.join()
 
         def _fail_taken(self, e: BaseException) -> int:
             with self._taken_lock:
@@ -167,18 +215,32 @@ def _server_classes():
                     return
                 except Exception as e:
                     failed = self._fail_taken(e)
-                    logging.error(
-                        "generation failed (%s); %d request(s) failed, serving on",
-                        error_line(e),
-                        failed,
-                    )
-                    idle_failures = 0 if failed else idle_failures + 1
+                    if self._is_distributed:  # the ranks may be out of step: stop
+                        idle_failures = 3
+                    else:
+                        logging.error(
+                            "generation failed (%s); %d request(s) failed, serving on",
+                            error_line(e),
+                            failed,
+                        )
+                        idle_failures = 0 if failed else idle_failures + 1
                     if idle_failures >= 3:
                         self.fatal = e
                         self._generation_failed = True
                         if self.on_fatal is not None:
                             self.on_fatal(e)
                         return
+
+        def _serve_single(self, request, stream):
+            """Across ranks, a request served alone (seeded) that fails once its generation
+            began ends the loop (the ranks may be out of step); before, the request fails
+            alone (every rank refuses it the same way)."""
+            if not self._is_distributed:
+                return super()._serve_single(request, stream)
+            relay = _Relay(request[0])
+            super()._serve_single((relay, *request[1:]), stream)
+            if relay.failure is not None:
+                raise relay.failure
 
         def _tokenize(self, tokenizer, request, args):
             out = super()._tokenize(tokenizer, request, args)
@@ -195,15 +257,23 @@ def _server_classes():
             except Exception as e:
                 _local.status = _status_for(e)
                 raise
-            return ctx, self._watch(ctx, responses, getattr(_local, "connection", None))
+            # Across ranks only a batched generation can stop early (the stop is shared with
+            # the other ranks); one served alone runs to its end (mlx-lm raises otherwise).
+            stoppable = not self._is_distributed or (
+                self._is_batchable(generation_args)
+                and not any(_image_parts(getattr(request, "messages", None) or []))
+            )
+            conn = getattr(_local, "connection", None)
+            return ctx, self._watch(ctx, responses, conn, stoppable)
 
         @staticmethod
-        def _watch(ctx, responses: Iterator, conn) -> Iterator:
+        def _watch(ctx, responses: Iterator, conn, stoppable: bool = True) -> Iterator:
             """Pass responses through; stop the generation once the client has gone."""
             for r in responses:
                 yield r
                 if conn is not None and _peer_closed(conn):
-                    ctx.stop()
+                    if stoppable:
+                        ctx.stop()
                     raise ConnectionAbortedError("client disconnected")
 
     class FlashmoeHandler(APIHandler):
@@ -432,24 +502,48 @@ def resolve_address(host: str, port: int) -> tuple[int, tuple]:
     return family, address
 
 
-def make_server(args: argparse.Namespace, model, tokenizer):
-    """An HTTP server (not yet serving) and its response generator for a loaded pair."""
+# What every rank's generation loop must agree on (each tokenizes and batches on its own);
+# bank, reader, trace and HTTP options may differ between ranks.
+_SAME_ON_EVERY_RANK = (
+    "k",
+    "chat_template_args",
+    "max_prompt_tokens",
+    "max_tokens",
+    "max_tokens_limit",
+    "temp",
+    "top_p",
+    "min_p",
+    "top_k",
+    "decode_concurrency",
+    "prompt_concurrency",
+    "prefill_step_size",
+    "prompt_cache_size",
+    "prompt_cache_bytes",
+)
+
+
+def make_server(args: argparse.Namespace, model, tokenizer, group=None):
+    """An HTTP server (not yet serving) and its response generator for a loaded pair.
+
+    Across ranks (``group``: mlx-lm's distributed mode), rank 0 binds and every rank runs the
+    generation loop; the others get no server (None). All first check that rank 0 could bind
+    and that they serve with the same generation options."""
     from mlx_lm.models.cache import LRUPromptCache
     from mlx_lm.server import get_system_fingerprint
 
     # Before the generation thread starts: a bad --host must not leave it running.
     family, address = resolve_address(args.host, args.port)
     provider_cls, generator_cls, handler_cls = _server_classes()
-    cli_args = argparse.Namespace(**{**_FIXED, **vars(args)})
+    cli_args = argparse.Namespace(**{**_FIXED, **vars(args), "pipeline": group is not None})
     provider = provider_cls(cli_args, model, tokenizer)
-    httpd = None
+    httpd = generator = None
 
     def fatal(e: BaseException) -> None:
-        logging.critical("generation cannot run (%s); shutting down", error_line(e))
+        if group is None:  # across ranks, main() reports it in one line
+            logging.critical("generation cannot run (%s); shutting down", error_line(e))
         if httpd is not None:
             threading.Thread(target=httpd.shutdown, daemon=True).start()
 
-    generator = generator_cls(provider, LRUPromptCache(cli_args.prompt_cache_size), on_fatal=fatal)
     fingerprint = get_system_fingerprint()
 
     class Server(ThreadingHTTPServer):
@@ -459,13 +553,32 @@ def make_server(args: argparse.Namespace, model, tokenizer):
     def handler(*a, **kw):
         return handler_cls(generator, *a, system_fingerprint=fingerprint, **kw)
 
-    try:
-        httpd = Server(address, handler)
-    except BaseException:
-        generator.stop_and_join()
-        raise
+    def start_generator():
+        return generator_cls(provider, LRUPromptCache(cli_args.prompt_cache_size), on_fatal=fatal)
+
+    if group is None:
+        generator = start_generator()
+        try:
+            httpd = Server(address, handler)
+        except BaseException:
+            generator.stop_and_join()
+            raise
+    else:
+        from .group import agree
+
+        httpd = agree(
+            group,
+            lambda: Server(address, handler) if group.rank() == 0 else None,
+            identity=lambda _: repr([getattr(args, n) for n in _SAME_ON_EVERY_RANK]).encode(),
+            discard=lambda server: server is not None and server.server_close(),
+            what="starting the server",
+            differs="server configuration",
+            compared="generation options, ",
+        )
+        generator = start_generator()
     if generator.fatal is not None:  # it failed before the server existed to shut down
-        httpd.server_close()
+        if httpd is not None:
+            httpd.server_close()
         raise RuntimeError(f"generation cannot run: {error_line(generator.fatal)}")
     return httpd, generator
 
@@ -473,32 +586,42 @@ def make_server(args: argparse.Namespace, model, tokenizer):
 @command(PROG)
 def main(argv: list[str] | None = None) -> int:
     """``flashmoe-serve``; exit codes as every flashmoe command (``flashmoe.cli``): Ctrl-C shuts
-    the server down cleanly, then exits 130."""
+    the server down cleanly, then exits 130.
+
+    Under ``mlx.launch`` every rank runs this: the model is split across the ranks (``load``),
+    rank 0 serves HTTP, and every rank runs mlx-lm's generation loop on its layers."""
     args = build_parser().parse_args(argv)
+    from .group import world
+
+    group = world()
+    rank = 0 if group is None else group.rank()
+    level = getattr(logging, args.log_level)
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
+        level=level if rank == 0 else max(level, logging.WARNING),
+        format="%(asctime)s - %(levelname)s - %(message)s",
     )
     _check(args)
     resolve_address(args.host, args.port)  # fail before loading the model
-    if not is_loopback(args.host):
+    if not is_loopback(args.host) and rank == 0:
         print(
             f"{PROG}: warning: binding to {args.host} exposes the server to the network; "
             "it has no authentication and runs whatever prompts it receives",
             file=sys.stderr,
         )
-    from .group import one_process_only
     from .loader import load
 
-    one_process_only(PROG)
     model, tokenizer = load(
         args.model,
         **load_options(args),
         max_kv_tokens=kv_tokens(args),
         kv_sequences=args.decode_concurrency,
         quiet=False,
+        group=group,
     )
-    if args.bank_experts is None:
+    if args.bank_experts is None and rank == 0:
         print(f"{PROG}: {kv_note(args)}", file=sys.stderr, flush=True)
+    if group is not None:
+        return _serve_ranks(args, model, tokenizer, group)
     httpd, generator = make_server(args, model, tokenizer)
     host, port = httpd.server_address[:2]
     print(f"{PROG}: serving {args.model} on http://{host}:{port}", file=sys.stderr, flush=True)
@@ -511,6 +634,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: generation failed: {error_line(generator.fatal)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_ranks(args: argparse.Namespace, model, tokenizer, group) -> int:
+    """Serve across ranks until rank 0 stops (Ctrl-C, or its generation loop fails): rank 0
+    then stops every rank's loop (shared as a request), all exit with its code. A rank that
+    dies or stops answering ends the others (the watchdog, or MLX's lost connection: exit 2,
+    one line from rank 0)."""
+    from .group import LOST_LINE, RankError, barrier, lost_connection, waiting
+
+    rank, rt = group.rank(), model.flashmoe
+    finished = False
+    try:
+        httpd, generator = make_server(args, model, tokenizer, group)
+        progress = lambda: (rt.store.stats.calls, generator.rounds)  # noqa: E731
+        code = 0
+        with waiting("serving", rank=rank, progress=progress):
+            if httpd is None:
+                code = _follow(generator)
+            else:
+                host, port = httpd.server_address[:2]
+                print(
+                    f"{PROG}: serving {args.model} on http://{host}:{port} ({group.size()} ranks)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:
+                    httpd.serve_forever()
+                except KeyboardInterrupt:
+                    code = 130
+                finally:
+                    httpd.server_close()
+                    generator.stop_and_join(code if generator.fatal is None else 1)
+        if generator.fatal is not None:
+            if lost_connection(generator.fatal):
+                raise RankError(LOST_LINE, silent=rank != 0)
+            print(
+                f"{_prog(rank)}: error: generation failed: {error_line(generator.fatal)}",
+                file=sys.stderr,
+            )
+            return 1
+        barrier(group, "finishing")
+        finished = True
+    finally:
+        rt.close(gather=finished)  # rank 0's --trace gets every rank's layers
+    if rank == 0 and code == 130:
+        raise KeyboardInterrupt  # "interrupted", as one process
+    return code if rank == 0 else generator.stop_code or 0
+
+
+def _follow(generator) -> int:
+    """A rank other than 0: run the generation loop until rank 0 stops it. A Ctrl-C (which
+    reaches every rank under ``mlx.launch``) waits a few seconds for rank 0's stop first."""
+    import signal
+    import time
+
+    interrupted: list[float] = []
+
+    def on_sigint(signum, frame) -> None:  # no exception: an interrupted join() is unreliable
+        interrupted.append(time.monotonic())
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        thread = generator._generation_thread
+        while thread.is_alive():
+            thread.join(0.2)
+            if interrupted and time.monotonic() - interrupted[0] > _STOP_WAIT_S:
+                from ..cli import EXIT_INTERRUPTED
+                from .group import say
+
+                say(f"{_prog(generator._rank)}: interrupted")
+                os._exit(EXIT_INTERRUPTED)  # its loop waits on rank 0: it cannot be joined
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return generator.stop_code or 0
+
+
+def _prog(rank: int) -> str:
+    return PROG if rank == 0 else f"{PROG} (rank {rank})"
 
 
 if __name__ == "__main__":
