@@ -7,6 +7,7 @@ timeout, and is killed by the test if it outlives it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import select
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +24,12 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from flashmoe.bench.cli import main as bench_main
 from flashmoe.layouts import read_index
 from flashmoe.runtime import load
+from flashmoe.runtime.cli import main as run_main
 from flashmoe.runtime.pipeline import balanced_ranges, plan_stages
+from flashmoe.runtime.trace import read_trace
 
 RANK_SCRIPT = Path(__file__).with_name("distributed_rank.py")
 PROMPT_TEXT = "Streaming experts from a solid state disk. What is the capital of France? Paris."
@@ -51,10 +56,20 @@ def _hostfile(tmp_path: Path, ranks: int) -> Path:
 
 def _start(argvs: list[list[str]], hostfile: Path, **env) -> list[subprocess.Popen]:
     """One process per rank (``argvs[r]`` for rank r), as mlx.launch starts them."""
+    from test_cli import default_sigint
+
     procs = []
     for rank, argv in enumerate(argvs):
         e = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **env}
-        procs.append(subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                argv,
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=default_sigint,  # a Ctrl-C reaches them
+            )
+        )
     return procs
 
 
@@ -154,12 +169,29 @@ def test_flashmoe_run_under_mlx_launch_three_ranks(layout, tmp_path):
     )
     argv = [sys.executable, "-c", launch, "--hosts", ",".join(["127.0.0.1"] * 3)]
     argv += ["--starting-port", str(port), "--"]  # "--": mlx.launch has a -p of its own
-    argv += _run([str(out), "-p", PROMPT_TEXT, "-m", "8", "--bank-experts", "4", "--timing"])
+    options = ["-p", PROMPT_TEXT, "-m", "8", "--bank-experts", "4", "--timing", "--trace"]
+    argv += _run([str(out), *options, str(tmp_path / "ranks.fmt")])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.stdout == text + "\n", r.stderr  # rank 0 alone prints: stock mlx-lm's text
     for rank, layers in enumerate(("2-3", "1-1", "0-0")):  # the middle rank receives and sends
         assert f"[timing] rank {rank}: layers {layers}, bank 4 experts/layer" in r.stderr, r.stderr
     assert "[timing] transfers:" in r.stderr
+    # --trace: every rank's layers in rank 0's file, the trace one process writes
+    assert run_main([str(out), *options, str(tmp_path / "one.fmt")]) == 0
+    _assert_same_trace(tmp_path / "ranks.fmt", tmp_path / "one.fmt")
+    assert bench_main(["policy", str(tmp_path / "ranks.fmt"), "--slots", "4"]) == 0
+
+
+def _assert_same_trace(ranks: Path, one: Path) -> None:
+    merged, single = read_trace(ranks), read_trace(one)
+    assert sorted(merged.layers) == sorted(single.layers) == [0, 1, 2, 3]
+    assert merged.meta["ranks"] > 1 and "ranks" not in single.meta
+    for layer, t in single.layers.items():
+        m = merged.layers[layer]
+        assert t.step.size > 0, layer
+        assert np.array_equal(m.experts, t.experts), layer
+        assert np.array_equal(m.hit, t.hit), layer
+        assert np.array_equal(m.step, t.step), layer
 
 
 def test_a_different_layout_stops_every_rank(layout, tmp_path):
@@ -213,3 +245,107 @@ def test_a_rank_that_never_starts_times_out(layout, tmp_path):
         "other ranks (one died, never started or cannot be reached; FLASHMOE_RANK_TIMEOUT sets "
         "the limit)"
     ]
+
+
+def _post(port: int, path: str, body: dict) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+    try:
+        c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = json.loads(r.read())
+        assert r.status == 200, data
+        return data
+    finally:
+        c.close()
+
+
+def _serve_alone(out: Path, argv: list[str], body: dict) -> dict:
+    """One request to single-process flashmoe-serve, in this process."""
+    from flashmoe.runtime.serve import build_parser, make_server
+
+    args = build_parser().parse_args([str(out), "--port", "0", *argv])
+    model, tokenizer = load(str(out), bank_experts=args.bank_experts, trace=args.trace)
+    httpd, generator = make_server(args, model, tokenizer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        return _post(httpd.server_address[1], "/v1/chat/completions", body)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        generator.stop_and_join()
+        model.flashmoe.close()
+
+
+def _wait_for_port(port: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        assert all(p.poll() is None for p in procs), "a rank exited"
+        assert time.monotonic() < deadline, "flashmoe-serve did not come up"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_flashmoe_serve_across_two_ranks(layout, tmp_path):
+    src, out = layout("qwen3_5_moe")
+    port = _free_ports(1)[0]
+    options = ["--bank-experts", "6", "--log-level", "WARNING", "--trace"]
+    argv = [sys.executable, "-m", "flashmoe.runtime.serve", str(out), "--port", str(port)]
+    procs = _start([argv + options + [str(tmp_path / "ranks.fmt")]] * 2, _hostfile(tmp_path, 2))
+    try:
+        # while the ranks start: stock mlx-lm's greedy tokens, flashmoe-serve's answer alone
+        ref_model, tokenizer = mlx_lm.load(str(src))
+        ref = mlx_lm.stream_generate(ref_model, tokenizer, _prompt(tokenizer), TOKENS)
+        body = {
+            "messages": [{"role": "user", "content": PROMPT_TEXT}],
+            "max_tokens": TOKENS,
+            "temperature": 0,
+            "logprobs": True,
+        }
+        alone = _serve_alone(out, options + [str(tmp_path / "one.fmt")], body)
+        _wait_for_port(port, procs)
+        answer = _post(port, "/v1/chat/completions", body)
+        tokens = [t["id"] for t in answer["choices"][0]["logprobs"]["content"]]
+        assert tokens == [r.token for r in ref]
+        assert answer["choices"] == alone["choices"]  # the text, and bit-identical logprobs
+        for p in procs:  # Ctrl-C in the terminal of mlx.launch: every rank gets it
+            p.send_signal(signal.SIGINT)
+        results = _finish(procs, timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [code for code, _, _ in results] == [130, 130], results
+    assert results[0][2].endswith("flashmoe-serve: interrupted\n"), results[0][2]
+    assert results[1][2] == "", results[1][2]
+    _assert_same_trace(tmp_path / "ranks.fmt", tmp_path / "one.fmt")
+
+
+def test_flashmoe_serve_stops_when_a_rank_dies(layout, tmp_path):
+    _, out = layout("qwen3_5_moe")
+    port = _free_ports(1)[0]
+    argv = [sys.executable, "-m", "flashmoe.runtime.serve", str(out), "--port", str(port)]
+    argv += ["--bank-experts", "4", "--log-level", "WARNING"]
+    procs = _start([argv, argv], _hostfile(tmp_path, 2))
+    try:
+        _wait_for_port(port, procs)
+        procs[1].send_signal(signal.SIGKILL)  # while idle: the ranks poll for requests together
+        (code0, _, err0), (code1, _, _) = _finish(procs, timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert (code0, code1) == (2, -signal.SIGKILL)
+    lines = [
+        line
+        for line in err0.splitlines()
+        if not line.startswith(("flashmoe: pipeline", "flashmoe-serve: serving"))
+    ]
+    assert lines == [
+        "flashmoe-serve: error: lost the connection to another rank (it exited, or its host is "
+        "unreachable)"
+    ], err0
