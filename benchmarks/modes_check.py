@@ -1,7 +1,9 @@
-"""The fp quantization modes (nvfp4 with a per-expert global scale, mxfp4) streamed vs stock mlx-lm,
-at banks 16 / 8 / 4 of 16, on whatever device MLX uses (nvfp4's global scale needs a GPU)::
+"""The fp quantization modes streamed vs stock mlx-lm, at banks 16 / 8 / 4 of 16, on whatever device
+MLX uses (nvfp4's global scale needs a GPU)::
 
-    python benchmarks/modes_check.py
+    python benchmarks/modes_check.py [--hidden N] [MODE ...]   # nvfp4+global nvfp4 mxfp4 mxfp8 (default: all)
+
+Prefill logits are compared NaN-aware (stock itself may produce NaN); the NaN counts are printed.
 """
 
 import sys
@@ -18,12 +20,26 @@ from identity import PROMPT, _run
 
 from flashmoe.fixtures import make_checkpoint
 
-TINY = {"hidden": 64, "moe_intermediate": 64, "num_experts": 16, "top_k": 2, "num_layers": 2}
+args = sys.argv[1:]
+hidden = 64
+if args[:1] == ["--hidden"]:
+    hidden, args = int(args[1]), args[2:]
+TINY = {
+    "hidden": hidden,
+    "moe_intermediate": hidden,
+    "num_experts": 16,
+    "top_k": 2,
+    "num_layers": 2,
+}
 d = Path(tempfile.mkdtemp())
-for name, kw in [
-    ("nvfp4+global", dict(mode="nvfp4", global_scale=True)),
-    ("mxfp4", dict(mode="mxfp4")),
-]:
+MODES = {
+    "nvfp4+global": dict(mode="nvfp4", global_scale=True),
+    "nvfp4": dict(mode="nvfp4"),
+    "mxfp4": dict(mode="mxfp4"),
+    "mxfp8": dict(mode="mxfp8"),
+}
+for name in args or list(MODES):
+    kw = MODES[name]
     try:
         t = time.time()
         src = make_checkpoint(

@@ -197,7 +197,7 @@ class ExpertStore:
             )
         self.prefetch_mode = prefetch
         self.hits_first = hits_first
-        # Start evaluating each layer's expert output as soon as it is built, so the GPU computes
+        # Start evaluating a decode step's expert output as soon as it is built, so the GPU computes
         # the experts while Python builds the rest of the layer and the next one (a benchmark
         # knob: off reproduces the lazy path for A/B runs).
         self.eager = True
