@@ -109,10 +109,10 @@ class StreamingSwitchGLU(nn.Module):
             out = self._compute(x, experts, unique)
         else:
             out = self._compute_in_groups(x, experts, flat)
-        if store.eager and experts.size == experts.shape[-1]:
-            # one token: the GPU computes the experts while Python builds the rest of the step
-            # (the values are the same whenever they are evaluated; a prompt's experts are
-            # compute-bound, nothing to gain there)
+        if store.eager and experts.ndim >= 2 and experts.shape[-2] == 1:
+            # a decode step (one position per sequence): the GPU computes the experts while
+            # Python builds the rest of the step (the values are the same whenever they are
+            # evaluated; a prompt's experts are compute-bound, nothing to gain there)
             mx.async_eval(out)
         if guess is not None:
             # read ahead while this layer computes
