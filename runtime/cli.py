@@ -108,6 +108,7 @@ def generate(
                         stats.io_seconds,
                         (timing.dense, timing.router, timing.compute) if timing else None,
                         time.perf_counter(),
+                        (stats.sync_seconds, stats.host_seconds),
                     )
                 tokens.append(response.token)
                 out.write(response.text)
@@ -118,7 +119,7 @@ def generate(
     out.flush()
     if args.timing and response is not None and first is not None:
         n = len(tokens) - 1
-        ttft, m0, h0, b0, io0, t0, decode_start = first
+        ttft, m0, h0, b0, io0, t0, decode_start, (sync0, host0) = first
         decode_s = time.perf_counter() - decode_start
         lines = [
             f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s, "
@@ -140,7 +141,9 @@ def generate(
             io_ms = (stats.io_seconds - io0) * 1000 / n
             lines.append(
                 f"per decode token: expert I/O {io_ms:.2f} ms exposed, "
-                f"{(stats.bytes_read - b0) / n / 1e6:.2f} MB read, hit rate {rate * 100:.1f}%"
+                f"{(stats.bytes_read - b0) / n / 1e6:.2f} MB read, hit rate {rate * 100:.1f}%, "
+                f"router syncs {(stats.sync_seconds - sync0) * 1000 / n:.2f} ms, "
+                f"streaming host {(stats.host_seconds - host0) * 1000 / n:.2f} ms"
             )
             if stats.prefetch_experts:
                 lines.append(

@@ -202,7 +202,7 @@ def rank_lines(rt, n: int, first: tuple, transfer: float | None) -> list[str]:
     from .group import gather_rows
 
     stats, timing = rt.store.stats, rt.timing
-    _, m0, h0, b0, io0, t0, _ = first
+    _, m0, h0, b0, io0, t0, *_ = first
     stage = rt.plan.stages[rt.rank]
     phases = [0.0, 0.0, 0.0]
     if timing is not None and t0 is not None:

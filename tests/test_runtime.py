@@ -250,6 +250,8 @@ def test_cli_generates_same_text_as_mlx_lm(layout):
         "MB read",
         "expert I/O",
         "router sync",
+        "router syncs",
+        "streaming host",
         "expert compute",
     ):
         assert field in r.stderr
