@@ -67,6 +67,7 @@ def _write_sparse_shard(path: Path, tensors: dict, metadata: dict | None, size: 
     real = size - 8 - end  # safetensors: 8-byte length, header, data to the end of the file
     exact = len(raw) <= real
     raw += b" " * ((real - len(raw)) if exact else -len(raw) % 8)
+    path.unlink(missing_ok=True)  # never write through a link
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + end)
@@ -97,7 +98,9 @@ def write_replica(
         shutil.copyfile(config, into / "config.json")
     else:
         for p in small_files.iterdir():
-            if p.is_file() and not (into / p.name).exists():
+            # not a cached shard: its replica is written below, and through a link it would
+            # overwrite the Hub cache's blob
+            if p.is_file() and p.name not in meta.files_metadata and not (into / p.name).exists():
                 os.symlink(p.resolve(), into / p.name)
     inexact = []
     for name, fm in meta.files_metadata.items():

@@ -16,6 +16,7 @@ resumes inside ``hf_hub_download``). The layout is byte-identical to converting 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -285,6 +286,7 @@ class _Job:
                 bar.update(self.files[shard].size)
         else:
             self.state.mark_part(f"fetched/{shard}")  # ours to release
+            self._drop_stale_download(shard)
             try:
                 hf_hub_download(
                     self.repo_id, shard, revision=self.commit, tqdm_class=_forwarding_tqdm(bar)
@@ -298,6 +300,32 @@ class _Job:
             raise ConvertError(
                 f"{self.repo_id}/{shard}", "header differs from the planned one (repo changed?)"
             )
+
+    def _drop_stale_download(self, shard: str) -> None:
+        """Delete what a killed download of ``shard`` left in the Hub cache.
+
+        huggingface_hub 2.x downloads into a process-unique ``blobs/<sha256>.<id>.incomplete``
+        and deletes it when a download fails, but not when its process is killed; it never
+        resumes one (the rerun fetches the shard again). Such a file is stale once nobody holds
+        the blob's lock (``.locks/<repo>/<sha256>.lock``, held by huggingface_hub while it
+        downloads); left there it would hold up to a shard of disk for ever.
+        """
+        sha, repo_dir = self.files[shard].sha256, self.snap.parent.parent
+        stale = list((repo_dir / "blobs").glob(f"{sha}.*.incomplete")) if sha else []
+        if not stale:
+            return
+        try:
+            fd = os.open(repo_dir.parent / ".locks" / repo_dir.name / f"{sha}.lock", os.O_RDWR)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a download holds it
+            for p in stale:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _release(self, shard: str, keep_source: bool) -> None:
         if keep_source or not self.state.has_part(f"fetched/{shard}"):

@@ -7,7 +7,9 @@ Objects live on local disk under ``root``; repos, branches and commits are kept 
 
 Fault injection for resume tests: ``fail_lfs_upload_at = N`` answers the N-th LFS PUT with 403 (like
 an expired presigned URL; the client does not retry it), ``abort_commit_at = N`` drops the
-connection of the N-th commit request without applying it.
+connection of the N-th commit request without applying it; ``cut_downloads`` drops a download
+mid-body, ``pause_download`` holds one mid-body until the test releases it (to kill the client
+there), ``missing_files`` answers 404. ``bytes_served`` counts the bytes downloaded per path.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ class Commit:
 
 
 @dataclass
+class Pause:
+    """A download held after ``at`` bytes: ``reached`` is set there, the body goes on once
+    ``release`` is set (the test sets it after killing the client)."""
+
+    at: int
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class Repo:
     repo_id: str
     owner: str
@@ -122,6 +134,10 @@ class HubEmulator:
         # file path -> drop the next whole-file GET after N bytes (a dropped connection)
         self.cut_downloads: dict[str, int] = {}
         self.missing_files: set[str] = set()  # 404 but to range requests (a failed download)
+        self.pauses: dict[str, Pause] = {}
+        # file path -> body bytes sent by downloads (GETs to the end of the file, resumptions
+        # included; not the range requests that read a header)
+        self.bytes_served: dict[str, int] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -206,6 +222,31 @@ class HubEmulator:
             use_lfs = self._is_lfs(head, path, len(data), data[:512]) if lfs is None else lfs
             tree[path] = self._entry(self._store(data), len(data), use_lfs)
             return self._new_commit(repo, revision, head.oid, message, "", tree).oid
+
+    def put_local_file(self, repo_id: str, path: str, local: Path, revision: str = "main") -> str:
+        """Commit the large file ``local`` as an LFS file, hashed and copied in 1 MiB pieces (a
+        benchmark's gigabytes never sit in memory); return the commit id."""
+        digest = hashlib.sha256()
+        tmp = self.root / "incoming" / secrets.token_hex(8)
+        with open(local, "rb") as f, open(tmp, "wb") as dst:
+            while buf := f.read(1 << 20):
+                digest.update(buf)
+                dst.write(buf)
+        sha = digest.hexdigest()
+        if self.has_object(sha):
+            tmp.unlink()
+        else:
+            tmp.replace(self._object_path(sha))
+        with self.lock:
+            repo, head = self.resolve(repo_id, revision)
+            tree = dict(head.tree)
+            tree[path] = self._entry(sha, local.stat().st_size, True)
+            return self._new_commit(repo, revision, head.oid, f"add {path}", "", tree).oid
+
+    def pause_download(self, path: str, at: int) -> Pause:
+        """Hold the next GET of ``path`` that passes byte ``at`` there (see ``Pause``)."""
+        self.pauses[path] = Pause(at)
+        return self.pauses[path]
 
     def file_paths(self, repo_id: str, revision: str = "main") -> list[str]:
         with self.lock:
@@ -365,6 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e)
         except (KeyError, ValueError, TypeError) as e:
             self._error(HubError(400, f"bad request: {e!r}"))
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (or was killed)
+            self.close_connection = True
         except _Abort:
             self.close_connection = True
             try:
@@ -760,11 +803,13 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
             headers["X-Linked-Size"] = str(size)
         start, end, status = 0, size, 200
+        download = True  # to the end of the file (not a bounded range: a header read)
         rng = self.headers.get("Range")
         if rng:
             mm = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
             if not mm or (mm.group(1) == "" and mm.group(2) == ""):
                 raise HubError(416, "invalid range")
+            download = mm.group(1) != "" and mm.group(2) == ""
             if mm.group(1) == "":
                 start, end = max(size - int(mm.group(2)), 0), size
             else:
@@ -784,18 +829,29 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         cut = hub.cut_downloads.pop(path, None) if not rng else None
+        pause = hub.pauses.get(path)
+        if pause is not None and start < pause.at < end:
+            del hub.pauses[path]
+        else:
+            pause = None
         with open(obj, "rb") as f:
             f.seek(start)
-            left = end - start
-            if cut is not None:
-                self.wfile.write(f.read(max(0, min(left, cut - start))))
-                raise _Abort
-            while left > 0:
-                buf = f.read(min(left, 1 << 20))
-                if not buf:
-                    break
-                self.wfile.write(buf)
-                left -= len(buf)
+            pos = start
+            stop = cut if cut is not None else pause.at if pause is not None else end
+            while pos < end:
+                buf = f.read(min(end - pos, stop - pos, 1 << 20)) if stop > pos else b""
+                if buf:
+                    self.wfile.write(buf)
+                    if download:
+                        hub.bytes_served[path] = hub.bytes_served.get(path, 0) + len(buf)
+                    pos += len(buf)
+                    continue
+                if cut is not None or pos < stop:  # cut here, or the file ended early
+                    raise _Abort
+                self.wfile.flush()
+                pause.reached.set()
+                pause.release.wait(60)
+                stop = end
 
 
 class _Abort(Exception):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,17 +94,12 @@ def test_interrupted_streamed_conversion_resumes(hub, hub_checkpoint, tmp_path):
     src, shards = hub_checkpoint
     names = sorted(shards)
     out = tmp_path / "out"
-    # the second shard's connection drops mid-body (huggingface_hub resumes it with a range
-    # request); the third cannot be fetched: the run fails after finishing what it could
-    hub.cut_downloads[names[1]] = 100_000
+    # the third shard cannot be fetched: the run fails after finishing what it could
     hub.missing_files.add(names[2])
     ranges = []
     hub.on_request = lambda m, p, h: ranges.append((m, p.rsplit("/", 1)[-1], h.get("Range")))
     with pytest.raises(ConvertError, match=names[2].replace(".", r"\.")):
         convert_checkpoint(REPO, out, progress=False)
-    assert not hub.cut_downloads
-    # the dropped download was retried by huggingface_hub within the run
-    assert ranges.count(("GET", names[1], None)) == 2
     finished = sorted(p.name for p in (out / "experts").glob("layer-*.bin"))
     assert finished, "nothing kept from the interrupted run"
 
@@ -114,6 +112,66 @@ def test_interrupted_streamed_conversion_resumes(hub, hub_checkpoint, tmp_path):
     ref = tmp_path / "reference"
     convert_checkpoint(src, ref, progress=False)
     assert layout_files(out) == layout_files(ref)
+
+
+def convert_cli(hub, out: Path, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flashmoe.convert.cli", REPO, "-o", str(out), "--quiet"]
+    env = dict(hub.env, PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen
+    )
+
+
+def test_killed_mid_shard_resumes_and_survives_a_dropped_connection(
+    hub, hub_checkpoint, layout, tmp_path
+):
+    """SIGKILL while a shard downloads, then a rerun whose download drops once: the rerun fetches
+    only the shards still needed (the half-fetched one again: huggingface_hub 2.x does not resume
+    across processes) and deletes the killed download's leftover, retries the dropped download,
+    exits 0 with the local conversion's bytes; no index (the completion mark) before the end."""
+    _, shards = hub_checkpoint
+    names = sorted(shards)
+    cache, out = Path(os.environ["HF_HUB_CACHE"]), tmp_path / "out"
+    pause = hub.pause_download(names[1], shards[names[1]] // 2)
+    proc = convert_cli(hub, out)
+    try:
+        assert pause.reached.wait(60), proc.stderr.read().decode() if proc.poll() else "no fetch"
+        assert not (out / INDEX_FILE).exists()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        pause.release.set()
+        proc.kill()
+        proc.wait()
+    assert len(list(cache.rglob("*.incomplete"))) == 1  # the killed download's leftover
+    before = dict(hub.bytes_served)
+    assert before[names[0]] == shards[names[0]] and before[names[1]] == shards[names[1]] // 2
+    assert names[2] not in before
+
+    hub.cut_downloads[names[2]] = 100_000  # the connection drops mid-body once
+    complete_early = []
+
+    def on_request(method: str, path: str, headers) -> None:
+        if path.rsplit("/", 1)[-1] in shards:
+            complete_early.append((out / INDEX_FILE).exists())
+
+    hub.on_request = on_request
+    rerun = convert_cli(hub, out)
+    assert rerun.wait(60) == 0, rerun.stderr.read().decode()
+    hub.on_request = None
+    served = {k: v - before.get(k, 0) for k, v in hub.bytes_served.items() if v > before.get(k, 0)}
+    assert names[0] not in served  # converted (or still cached) before the kill
+    assert served[names[1]] == shards[names[1]]
+    # huggingface_hub retried the dropped download within the run
+    assert served[names[2]] <= shards[names[2]] + 100_000
+    assert set(served) == set(names[1:]) and not hub.cut_downloads
+    assert complete_early and not any(complete_early)
+    assert not list(cache.rglob("model-*.safetensors")) and not list(cache.rglob("*.incomplete"))
+    _, reference = layout("qwen3_5_moe", shard_bytes=SHARD_BYTES)
+    assert layout_files(out) == layout_files(reference)
+    index, ref_index = comparable_index(out), comparable_index(reference)
+    assert index.pop("source")["repo_id"] == REPO and ref_index.pop("source")
+    assert index == ref_index
 
 
 def test_keep_source_private_repo_and_offline(hub, checkpoint, tmp_path, monkeypatch):
