@@ -8,6 +8,13 @@ converter fsyncs), and the conversion in a fresh process (its peak RSS from /pro
 and writes JSON.
 
     python benchmarks/convert_bench.py --dir /work/bench-tmp --layers 10 --json benchmarks/out/convert.json
+
+``--hub``: the same checkpoint served by the Hub emulator (tests/hub_emulator.py, in this process),
+and rounds of: the download alone (``hf_hub_download`` of every shard in turn, the converter's
+transfers, in a fresh process) and ``flashmoe-convert ORG/NAME`` (streamed) for each
+``--variant LABEL=SRC`` (a source tree put first on PYTHONPATH; ``.`` is this one), alternated.
+
+    python benchmarks/convert_bench.py --hub --dir /work/bench-tmp --layers 8 --variant new=.
 """
 
 from __future__ import annotations
@@ -84,12 +91,18 @@ def tensors(layers: int) -> list[tuple[str, str, list[int]]]:
             out += quantized(f"{L}.self_attn.k_proj", KV_HEADS * HEAD_DIM, HIDDEN)
             out += quantized(f"{L}.self_attn.v_proj", KV_HEADS * HEAD_DIM, HIDDEN)
             out += quantized(f"{L}.self_attn.o_proj", HIDDEN, HEADS * HEAD_DIM)
+            out.append((f"{L}.self_attn.q_norm.weight", "BF16", [HEAD_DIM]))
+            out.append((f"{L}.self_attn.k_norm.weight", "BF16", [HEAD_DIM]))
         else:
             qkv = 2 * LIN_K_HEADS * LIN_DIM + LIN_V_HEADS * LIN_DIM
             out += quantized(f"{L}.linear_attn.in_proj_qkv", qkv, HIDDEN)
             out += quantized(f"{L}.linear_attn.in_proj_z", LIN_V_HEADS * LIN_DIM, HIDDEN)
             out += quantized(f"{L}.linear_attn.out_proj", HIDDEN, LIN_V_HEADS * LIN_DIM)
             out.append((f"{L}.linear_attn.A_log", "F32", [LIN_V_HEADS]))
+            out += quantized(f"{L}.linear_attn.in_proj_a", LIN_V_HEADS, HIDDEN)
+            out += quantized(f"{L}.linear_attn.in_proj_b", LIN_V_HEADS, HIDDEN)
+            out.append((f"{L}.linear_attn.dt_bias", "BF16", [LIN_V_HEADS]))
+            out.append((f"{L}.linear_attn.norm.weight", "BF16", [LIN_DIM]))
             out.append((f"{L}.linear_attn.conv1d.weight", "BF16", [qkv, 4, 1]))
         out += quantized(f"{L}.mlp.gate", EXPERTS, HIDDEN, bits=8)
         for proj, (o, i_) in (
@@ -200,6 +213,111 @@ def time_convert(src: Path, dst: Path, workers: int, verify: bool = False) -> di
     return result
 
 
+HUB_REPO = "bench/synthetic-moe"
+
+DOWNLOAD = """
+import json, sys, time
+from huggingface_hub import hf_hub_download
+t = time.perf_counter()
+for name in sys.argv[2:]:
+    hf_hub_download(sys.argv[1], name)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+HUB_CONVERT = """
+import json, sys, time
+from flashmoe.convert import convert_checkpoint
+t = time.perf_counter()
+convert_checkpoint(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False)
+elapsed = time.perf_counter() - t
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1])}))
+"""
+
+
+def hub_main(args: argparse.Namespace) -> None:
+    """Streamed conversion from the Hub emulator against the download alone (see the docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from hub_emulator import HubEmulator
+
+    variants = dict(v.split("=", 1) for v in args.variant or ["this=."])
+    src, out, home = args.dir / "src", args.dir / "out", args.dir / "hf-home"
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hub = HubEmulator(args.dir / "hub-server").start()
+    try:
+        total = write_checkpoint(src, args.layers, int(args.shard_gb * (1 << 30)))
+        hub.create_repo(HUB_REPO, "bench", False)
+        shards = sorted(p.name for p in src.glob("*.safetensors"))
+        for p in sorted(src.iterdir()):
+            if p.name in shards:
+                hub.put_local_file(HUB_REPO, p.name, p)
+            else:
+                hub.put_file(HUB_REPO, p.name, p.read_bytes())
+        shutil.rmtree(src)
+        print(f"synthetic checkpoint on the emulator: {total / 1e9:.2f} GB in {len(shards)} shards")
+        token = "hf_emulator_write_token"
+        base = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_TOKEN": token}
+        base.update(HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_XET="1", PYTHONWARNINGS="ignore")
+        base.pop("HF_HUB_OFFLINE", None)
+
+        def child(code: str, argv: list[str], pythonpath: str | None = None) -> dict:
+            shutil.rmtree(home, ignore_errors=True)
+            drop_caches(args.dir / "hub-server")
+            env = dict(base)
+            if pythonpath:
+                env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+            r = subprocess.run(
+                [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True
+            )
+            if r.returncode:
+                raise SystemExit(f"{argv}: {r.stderr.strip().splitlines()[-1:]}")
+            shutil.rmtree(out, ignore_errors=True)
+            return json.loads(r.stdout.strip().splitlines()[-1])
+
+        times: dict[str, list[float]] = {"download alone": []}
+        rss: dict[str, int] = {}
+        for _ in range(args.repeat):
+            times["download alone"].append(child(DOWNLOAD, [HUB_REPO, *shards])["seconds"])
+            for label, path in variants.items():
+                name = f"convert {label}"
+                argv = [HUB_REPO, str(out), str(args.workers[0])]
+                r = child(HUB_CONVERT, argv, str(Path(path).resolve()))
+                times.setdefault(name, []).append(r["seconds"])
+                rss[name] = max(rss.get(name, 0), r["peak_rss_kb"])
+            print(" ".join(f"{n}: {t[-1]:.1f} s" for n, t in times.items()), flush=True)
+        rows = []
+        ref = times["download alone"]
+        for name, seconds in times.items():
+            ratios = [a / b for a, b in zip(ref, seconds, strict=True)]
+            med = float(np.median(seconds))
+            rows.append(
+                {
+                    "run": name,
+                    "seconds": seconds,
+                    "median_seconds": med,
+                    "MB_per_s": total / med / 1e6,
+                    "ratio_to_download_per_round": ratios,
+                    "median_ratio_to_download": float(np.median(ratios)),
+                    "peak_rss_MB": rss[name] / 1024 if name in rss else None,
+                }
+            )
+            print(
+                f"{name:24s} median {med:6.2f} s ({' '.join(f'{t:.1f}' for t in seconds)}) "
+                f"{total / med / 1e6:6.0f} MB/s  ratio to the download alone "
+                f"{rows[-1]['median_ratio_to_download']:.2f} "
+                f"({' '.join(f'{r:.2f}' for r in ratios)})",
+                flush=True,
+            )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            result = {"checkpoint_bytes": total, "layers": args.layers, "rows": rows}
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        hub.stop()
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -212,7 +330,13 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="also time a conversion with --verify")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--hub", action="store_true", help="streamed from the Hub emulator")
+    ap.add_argument(
+        "--variant", action="append", help="--hub: LABEL=SRC, a source tree to convert with"
+    )
     args = ap.parse_args()
+    if args.hub:
+        return hub_main(args)
 
     src, out = args.dir / "src", args.dir / "out"
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -44,6 +44,7 @@ from .remote import RemoteFile, list_files, write_replica
 from .safetensors_source import INDEX_JSON, Checkpoint, TensorInfo, open_checkpoint, parse_shard
 from .source import ALLOW_PATTERNS, Source, aux_files
 from .state import ConversionState, write_index
+from .stream_parts import compare_part, finish_part, write_part
 from .writers import CHUNK, compare_layer, copy_file, dense_header, write_layer
 
 SMALL_PATTERNS = [p for p in ALLOW_PATTERNS if not p.endswith(".safetensors")]
@@ -354,57 +355,34 @@ class _Job:
                 records[layer_file(entry.layer)] = state.finished(layer_file(entry.layer))
                 if records[layer_file(entry.layer)] is None:
                     pending.append(entry)
-            order = _shard_order(pending, dense.pending if dense else set())
-            users = {s: 0 for s in order}
-            for entry in pending:
-                for s in {t.file for t in entry.tensors}:
-                    users[s] += 1
-            for s in dense.pending if dense else ():
-                users[s] += 1
+            dense_shards = dense.pending if dense else set()
+            order, work = self._work(pending, _shard_order(pending, dense_shards), dense_shards)
             self._check_space(pending, dense, order)
-            work = sum(self.files[s].size for s in order) + len(pending) * (
-                plan.num_experts * plan.expert_bytes
-            )
+            total = sum(self.files[s].size for s in order)
+            total += sum(n for items in work.values() for _, _, n in items)
             if dense:
-                work += sum(t.nbytes for t in plan.dense if t.file in dense.pending)
-            bar = _progress_bar(progress, work, 0, "convert")
+                total += sum(t.nbytes for t in plan.dense if t.file in dense.pending)
+            bar = _progress_bar(progress, total, 0, "convert")
             try:
-                held: set[str] = set()
                 prefetch: _Prefetch | None = None
-
-                def write_layers(layers: list[MoeLayer]) -> None:
-                    jobs = [self._layer_job(e, verify) for e in layers]
-                    for entry, record in zip(
-                        layers, _run_parallel(jobs, workers, bar), strict=True
-                    ):
-                        records[layer_file(entry.layer)] = record
-                        for s in {t.file for t in entry.tensors}:
-                            users[s] -= 1
-                    for s in sorted(held):
-                        if users[s] == 0:
-                            self._release(s, keep_source)
-                            held.discard(s)
-
                 for i, shard in enumerate(order):
                     if prefetch is not None:
                         prefetch.wait()
-                        prefetch = None
                     else:
                         self._fetch(shard, bar)
-                    held.add(shard)
-                    ready = [e for e in pending if {t.file for t in e.tensors} <= held]
-                    pending = [e for e in pending if e not in ready]
-                    # layers that end in this shard first: their older shard leaves, and then
-                    # the next shard downloads while this one's own layers are written
-                    write_layers([e for e in ready if {t.file for t in e.tensors} != {shard}])
-                    if len(held) <= 1 and i + 1 < len(order):  # never more than two shards held
-                        prefetch = _Prefetch(self._fetch, order[i + 1], bar)
+                    # the next shard downloads while this one is repacked: two shards at most
+                    # on disk, since everything that needs this one is done before it leaves
+                    more = i + 1 < len(order)
+                    prefetch = _Prefetch(self._fetch, order[i + 1], bar) if more else None
+                    jobs = [self._layer_job(e, shard, kind, verify) for e, kind, _ in work[shard]]
+                    for (entry, kind, _), record in zip(
+                        work[shard], _run_parallel(jobs, workers, bar), strict=True
+                    ):
+                        if kind != "part":
+                            records[layer_file(entry.layer)] = record
                     if dense and shard in dense.pending:
                         dense.write_shard(snap, shard, bar.update if bar else lambda n: None)
-                        users[shard] -= 1
-                    write_layers([e for e in ready if {t.file for t in e.tensors} == {shard}])
-                if prefetch is not None:
-                    prefetch.wait()
+                    self._release(shard, keep_source)
             finally:
                 if bar is not None:
                     bar.close()
@@ -415,6 +393,40 @@ class _Job:
             if dense:
                 dense.close()
         return records
+
+    def _work(self, pending: list[MoeLayer], order: list[str], dense_shards: set[str]):
+        """``(shards to fetch in order, {shard: [(layer, kind, bytes)]})``: kind "whole" (the
+        layer lies in this shard), "part" (this shard's components of a layer that spans
+        shards) or "last" (its last shard's: finishes the layer file). Parts an earlier run
+        wrote into a layer's partial file are not redone."""
+        work: dict[str, list] = {s: [] for s in order}
+        size = self.plan.num_experts * self.rec
+        for entry in pending:
+            files = [s for s in order if any(t.file == s for t in entry.tensors)]
+            nbytes = {
+                s: self.plan.num_experts
+                * sum(
+                    c.nbytes
+                    for t, c in zip(entry.tensors, self.plan.components, strict=True)
+                    if t.file == s
+                )
+                for s in files
+            }
+            if len(files) == 1:
+                work[files[0]].append((entry, "whole", nbytes[files[0]]))
+                continue
+            partial = self.out / (layer_file(entry.layer) + ".partial")
+            if not (partial.is_file() and partial.stat().st_size == size):
+                partial.unlink(missing_ok=True)  # parts recorded for it are void
+                resumable = False
+            else:
+                resumable = True
+            for s in files[:-1]:
+                if not (resumable and self.state.has_part(f"{layer_file(entry.layer)}/{s}")):
+                    work[s].append((entry, "part", nbytes[s]))
+            work[files[-1]].append((entry, "last", nbytes[files[-1]]))
+        order = [s for s in order if work[s] or s in dense_shards]
+        return order, work
 
     def _check_space(self, pending: list[MoeLayer], dense, order: list[str]) -> None:
         """Room for the rest of the layout and, where the Hub cache is, two shards at a time (or
@@ -436,15 +448,44 @@ class _Job:
                 self.snap, f"not enough free space for shards: {held:,} bytes, {free_cache:,} free"
             )
 
-    def _layer_job(self, entry: MoeLayer, verify: bool):
+    def _layer_job(self, entry: MoeLayer, shard: str, kind: str, verify: bool):
+        """Write what ``shard`` holds of ``entry``'s layer file (``_work`` says what)."""
         plan, name = self.plan, layer_file(entry.layer)
         size = plan.num_experts * self.rec
+        mine = [
+            (t, c) for t, c in zip(entry.tensors, plan.components, strict=True) if t.file == shard
+        ]
+        tensors, comps = [t for t, _ in mine], [c for _, c in mine]
+        partial = self.out / (name + ".partial")
 
         def run(progress_cb, stop):
-            args = (self.snap, entry.tensors, plan.components, plan.num_experts, self.rec)
-            checksums = write_layer(*args, self.out / name, progress_cb, stop)
-            if verify:  # now, while its shards are here
-                compare_layer(*args, self.out / name, entry.layer, lambda n: None, stop)
+            if kind == "whole":
+                args = (self.snap, entry.tensors, plan.components, plan.num_experts, self.rec)
+                checksums = write_layer(*args, self.out / name, progress_cb, stop)
+                if verify:  # now, while its shards are here
+                    compare_layer(*args, self.out / name, entry.layer, lambda n: None, stop)
+            elif kind == "part":
+                args = (self.snap, tensors, comps, plan.num_experts, self.rec)
+                write_part(*args, partial, progress_cb, stop)
+                if verify:
+                    compare_part(*args, partial, entry.layer, stop)
+                self.state.mark_part(f"{name}/{shard}")
+                return None
+            else:
+                args = (self.snap, tensors, comps, plan.num_experts, self.rec)
+                checksums = finish_part(
+                    self.snap,
+                    tensors,
+                    comps,
+                    plan.components,
+                    plan.num_experts,
+                    self.rec,
+                    self.out / name,
+                    progress_cb,
+                    stop,
+                )
+                if verify:
+                    compare_part(*args, self.out / name, entry.layer, stop)
             record = {"checksums": checksums, "size": size}
             self.state.mark_finished(name, record)
             return record
