@@ -11,10 +11,12 @@ and writes JSON.
 
 ``--hub``: the same checkpoint served by the Hub emulator (tests/hub_emulator.py, in this process),
 and rounds of: the download alone (``hf_hub_download`` of every shard in turn, the converter's
-transfers, in a fresh process) and ``flashmoe-convert ORG/NAME`` (streamed) for each
-``--variant LABEL=SRC`` (a source tree put first on PYTHONPATH; ``.`` is this one), alternated.
+transfers, in a fresh process; kept, and each deleted once fetched as the converter releases it:
+then its pages are never written back, so that is the pure transfer) and ``flashmoe-convert ORG/NAME`` (streamed) for each
+``--variant LABEL=PYTHON`` (an interpreter with flashmoe installed: a checkout's venv), alternated.
 
-    python benchmarks/convert_bench.py --hub --dir /work/bench-tmp --layers 8 --variant new=.
+    python benchmarks/convert_bench.py --hub --dir /work/bench-tmp --layers 8 \
+        --variant before=/tmp/flashmoe-main/.venv/bin/python --variant after=.venv/bin/python
 """
 
 from __future__ import annotations
@@ -216,22 +218,28 @@ def time_convert(src: Path, dst: Path, workers: int, verify: bool = False) -> di
 HUB_REPO = "bench/synthetic-moe"
 
 DOWNLOAD = """
-import json, sys, time
+import json, os, resource, sys, time
 from huggingface_hub import hf_hub_download
 t = time.perf_counter()
-for name in sys.argv[2:]:
-    hf_hub_download(sys.argv[1], name)
-print(json.dumps({"seconds": time.perf_counter() - t}))
+for name in sys.argv[3:]:
+    path = hf_hub_download(sys.argv[1], name)
+    if sys.argv[2] == "delete":  # as the converter releases a shard: its pages are never written
+        os.unlink(os.path.realpath(path))
+        os.unlink(path)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": ru.ru_utime + ru.ru_stime}))
 """
 
 HUB_CONVERT = """
-import json, sys, time
+import json, resource, sys, time
 from flashmoe.convert import convert_checkpoint
 t = time.perf_counter()
 convert_checkpoint(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False)
 elapsed = time.perf_counter() - t
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1])}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+cpu = ru.ru_utime + ru.ru_stime
+print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1]), "cpu": cpu}))
 """
 
 
@@ -240,7 +248,7 @@ def hub_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from hub_emulator import HubEmulator
 
-    variants = dict(v.split("=", 1) for v in args.variant or ["this=."])
+    variants = dict(v.split("=", 1) for v in args.variant or [f"this={sys.executable}"])
     src, out, home = args.dir / "src", args.dir / "out", args.dir / "hf-home"
     shutil.rmtree(args.dir, ignore_errors=True)
     hub = HubEmulator(args.dir / "hub-server").start()
@@ -260,35 +268,37 @@ def hub_main(args: argparse.Namespace) -> None:
         base.update(HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_XET="1", PYTHONWARNINGS="ignore")
         base.pop("HF_HUB_OFFLINE", None)
 
-        def child(code: str, argv: list[str], pythonpath: str | None = None) -> dict:
+        def child(code: str, argv: list[str], python: str = sys.executable) -> dict:
             shutil.rmtree(home, ignore_errors=True)
             drop_caches(args.dir / "hub-server")
-            env = dict(base)
-            if pythonpath:
-                env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
             r = subprocess.run(
-                [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True
+                [python, "-c", code, *argv], env=base, capture_output=True, text=True
             )
             if r.returncode:
                 raise SystemExit(f"{argv}: {r.stderr.strip().splitlines()[-1:]}")
             shutil.rmtree(out, ignore_errors=True)
             return json.loads(r.stdout.strip().splitlines()[-1])
 
-        times: dict[str, list[float]] = {"download alone": []}
+        ref = "download alone, each shard deleted once fetched"
+        times: dict[str, list[float]] = {"download alone, shards kept": [], ref: []}
+        cpu: dict[str, list[float]] = {}
         rss: dict[str, int] = {}
         for _ in range(args.repeat):
-            times["download alone"].append(child(DOWNLOAD, [HUB_REPO, *shards])["seconds"])
+            for name, mode in zip(list(times), ("keep", "delete"), strict=False):
+                r = child(DOWNLOAD, [HUB_REPO, mode, *shards])
+                times[name].append(r["seconds"])
+                cpu.setdefault(name, []).append(r["cpu"])
             for label, path in variants.items():
                 name = f"convert {label}"
                 argv = [HUB_REPO, str(out), str(args.workers[0])]
-                r = child(HUB_CONVERT, argv, str(Path(path).resolve()))
+                r = child(HUB_CONVERT, argv, path)
                 times.setdefault(name, []).append(r["seconds"])
+                cpu.setdefault(name, []).append(r["cpu"])
                 rss[name] = max(rss.get(name, 0), r["peak_rss_kb"])
             print(" ".join(f"{n}: {t[-1]:.1f} s" for n, t in times.items()), flush=True)
         rows = []
-        ref = times["download alone"]
         for name, seconds in times.items():
-            ratios = [a / b for a, b in zip(ref, seconds, strict=True)]
+            ratios = [a / b for a, b in zip(times[ref], seconds, strict=True)]
             med = float(np.median(seconds))
             rows.append(
                 {
@@ -299,13 +309,15 @@ def hub_main(args: argparse.Namespace) -> None:
                     "ratio_to_download_per_round": ratios,
                     "median_ratio_to_download": float(np.median(ratios)),
                     "peak_rss_MB": rss[name] / 1024 if name in rss else None,
+                    "client_cpu_seconds": cpu[name],
                 }
             )
             print(
-                f"{name:24s} median {med:6.2f} s ({' '.join(f'{t:.1f}' for t in seconds)}) "
-                f"{total / med / 1e6:6.0f} MB/s  ratio to the download alone "
+                f"{name:48s} median {med:6.2f} s ({' '.join(f'{t:.1f}' for t in seconds)}) "
+                f"{total / med / 1e6:6.0f} MB/s  ratio to the download (deleted) "
                 f"{rows[-1]['median_ratio_to_download']:.2f} "
-                f"({' '.join(f'{r:.2f}' for r in ratios)})",
+                f"({' '.join(f'{r:.2f}' for r in ratios)}); client CPU "
+                f"{float(np.median(cpu[name])):.1f} s",
                 flush=True,
             )
         if args.json:
@@ -332,7 +344,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     ap.add_argument("--hub", action="store_true", help="streamed from the Hub emulator")
     ap.add_argument(
-        "--variant", action="append", help="--hub: LABEL=SRC, a source tree to convert with"
+        "--variant", action="append", help="--hub: LABEL=PYTHON, an interpreter to convert with"
     )
     args = ap.parse_args()
     if args.hub:

@@ -2,16 +2,17 @@
 
 The small files (config, tokenizer, weight index) are downloaded first and the experts planned from
 the header replica (``remote.py``). Then the shards are fetched in layer order through
-``hf_hub_download`` (the Hub cache, its auth and its resumable transfers); each shard's dense
-tensors go straight to their place in the dense file, each layer file is written once all its
-shards are there, and a shard that no unconverted layer needs is deleted from the cache (unless
-``keep_source``, or the shard was in the cache before: then it is the user's). The next shard
-downloads while the current one's own layers are written, but only when no other shard is held:
-never more than two shards at a time (a layer spans at most two in mlx-community checkpoints).
+``hf_hub_download`` (the Hub cache, its auth and its transfers), the next one downloading while
+the current one is repacked: its dense tensors go to their place in the dense file, its layers'
+experts to their layer files (a layer spanning shards a shard at a time: ``stream_parts.py``).
+Then nothing needs it any more and it leaves the cache (unless ``keep_source``, or the shard was in
+the cache before: then it is the user's), so two shards at most are on disk at a time.
 
-Interrupted, a rerun resumes from the layout's state: finished layer files and the dense tensors of
-finished shards are kept, and only the shards still needed are fetched (a half-fetched shard
-resumes inside ``hf_hub_download``). The layout is byte-identical to converting a full download.
+Interrupted, a rerun resumes from the layout's state: finished layer files, the parts of layers
+written into their partial files and the dense tensors of finished shards are kept, and only the
+shards still needed are fetched. huggingface_hub 2.x does not resume a download across processes:
+the shard that was downloading is fetched again, and the leftover of the killed download is
+deleted. The layout is byte-identical to converting a full download.
 """
 
 from __future__ import annotations

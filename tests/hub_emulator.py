@@ -76,12 +76,13 @@ class Commit:
 
 @dataclass
 class Pause:
-    """A download held after ``at`` bytes: ``reached`` is set there, the body goes on once
-    ``release`` is set (the test sets it after killing the client)."""
+    """A download held after ``at`` bytes: ``reached`` is set there; once ``release`` is set
+    the body goes on, or the connection drops if ``drop`` (after the test killed the client)."""
 
     at: int
     reached: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    drop: bool = False
 
 
 @dataclass
@@ -850,7 +851,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _Abort
                 self.wfile.flush()
                 pause.reached.set()
-                pause.release.wait(60)
+                if not pause.release.wait(60) or pause.drop:
+                    raise _Abort
                 stop = end
 
 

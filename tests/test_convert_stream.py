@@ -149,6 +149,7 @@ def test_killed_mid_shard_resumes_and_survives_a_dropped_connection(
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
+        pause.drop = True
         pause.release.set()
         proc.kill()
         proc.wait()
