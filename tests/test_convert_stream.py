@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,13 @@ def test_killed_mid_shard_resumes_and_survives_a_dropped_connection(
     proc = convert_cli(hub, out)
     try:
         assert pause.reached.wait(60), proc.stderr.read().decode() if proc.poll() else "no fetch"
+        # meanwhile the first shard is repacked, layer 0's part of it included, and released
+        done = out / ".flashmoe-convert" / "done"
+        deadline = time.monotonic() + 30
+        while list(cache.rglob(names[0])) or not list(done.glob("part--experts__layer-000*")):
+            assert time.monotonic() < deadline and proc.poll() is None, "shard 0 not repacked"
+            time.sleep(0.01)
+        assert not (out / "experts" / "layer-000.bin").exists()
         assert not (out / INDEX_FILE).exists()
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
@@ -170,7 +178,7 @@ def test_killed_mid_shard_resumes_and_survives_a_dropped_connection(
     assert rerun.wait(60) == 0, rerun.stderr.read().decode()
     hub.on_request = None
     served = {k: v - before.get(k, 0) for k, v in hub.bytes_served.items() if v > before.get(k, 0)}
-    assert names[0] not in served  # converted (or still cached) before the kill
+    assert names[0] not in served  # layer 0's part of it was kept
     assert served[names[1]] == shards[names[1]]
     # huggingface_hub retried the dropped download within the run
     assert served[names[2]] <= shards[names[2]] + 100_000
