@@ -45,7 +45,7 @@ from .remote import RemoteFile, list_files, write_replica
 from .safetensors_source import INDEX_JSON, Checkpoint, TensorInfo, open_checkpoint, parse_shard
 from .source import ALLOW_PATTERNS, Source, aux_files
 from .state import ConversionState, write_index
-from .stream_parts import compare_part, finish_part, write_part
+from .stream_parts import Slice, compare_part, finish_part, shard_slices, write_part
 from .writers import CHUNK, compare_layer, copy_file, dense_header, write_layer
 
 SMALL_PATTERNS = [p for p in ALLOW_PATTERNS if not p.endswith(".safetensors")]
@@ -404,15 +404,8 @@ class _Job:
         size = self.plan.num_experts * self.rec
         for entry in pending:
             files = [s for s in order if any(t.file == s for t in entry.tensors)]
-            nbytes = {
-                s: self.plan.num_experts
-                * sum(
-                    c.nbytes
-                    for t, c in zip(entry.tensors, self.plan.components, strict=True)
-                    if t.file == s
-                )
-                for s in files
-            }
+            slices = {s: self._slices(entry, s) for s in files}
+            nbytes = {s: sum(x.nbytes for x in slices[s]) for s in files}
             if len(files) == 1:
                 work[files[0]].append((entry, "whole", nbytes[files[0]]))
                 continue
@@ -430,13 +423,11 @@ class _Job:
         return order, work
 
     def _check_space(self, pending: list[MoeLayer], dense, order: list[str]) -> None:
-        """Room for the rest of the layout and, where the Hub cache is, two shards at a time (or
-        all the shards of a layer whose per-expert tensors span more)."""
-        from .geometry import shards_held
-
+        """Room for the rest of the layout and, where the Hub cache is, two shards at a time
+        (a layer spanning more, per-expert tensors, is written a shard at a time too)."""
         layout = len(pending) * self.plan.num_experts * self.rec + (dense.size if dense else 0)
-        fetch = {s: self.files[s].size for s in order if not (self.snap / s).exists()}
-        held = shards_held(pending, fetch)
+        fetch = sorted(self.files[s].size for s in order if not (self.snap / s).exists())
+        held = sum(fetch[-2:])
         st_out, st_cache = os.statvfs(self.out), os.statvfs(self.snap)
         free_out = st_out.f_bavail * st_out.f_frsize
         free_cache = st_cache.f_bavail * st_cache.f_frsize
@@ -449,44 +440,35 @@ class _Job:
                 self.snap, f"not enough free space for shards: {held:,} bytes, {free_cache:,} free"
             )
 
+    def _slices(self, entry: MoeLayer, shard: str) -> list[Slice]:
+        return shard_slices(entry.tensors, self.plan.components, self.plan.num_experts, shard)
+
     def _layer_job(self, entry: MoeLayer, shard: str, kind: str, verify: bool):
         """Write what ``shard`` holds of ``entry``'s layer file (``_work`` says what)."""
         plan, name = self.plan, layer_file(entry.layer)
-        size = plan.num_experts * self.rec
-        mine = [
-            (t, c) for t, c in zip(entry.tensors, plan.components, strict=True) if t.file == shard
-        ]
-        tensors, comps = [t for t, _ in mine], [c for _, c in mine]
-        partial = self.out / (name + ".partial")
+        size, n, rec = plan.num_experts * self.rec, plan.num_experts, self.rec
+        src, final, partial = self.snap / shard, self.out / name, self.out / (name + ".partial")
 
         def run(progress_cb, stop):
             if kind == "whole":
-                args = (self.snap, entry.tensors, plan.components, plan.num_experts, self.rec)
-                checksums = write_layer(*args, self.out / name, progress_cb, stop)
+                args = (self.snap, entry.tensors, plan.components, n, rec)
+                checksums = write_layer(*args, final, progress_cb, stop)
                 if verify:  # now, while its shards are here
-                    compare_layer(*args, self.out / name, entry.layer, lambda n: None, stop)
+                    compare_layer(*args, final, entry.layer, lambda n: None, stop)
             elif kind == "part":
-                args = (self.snap, tensors, comps, plan.num_experts, self.rec)
-                write_part(*args, partial, progress_cb, stop)
+                slices = self._slices(entry, shard)
+                write_part(src, slices, n, rec, partial, progress_cb, stop)
                 if verify:
-                    compare_part(*args, partial, entry.layer, stop)
+                    compare_part(src, slices, rec, partial, entry.layer, stop)
                 self.state.mark_part(f"{name}/{shard}")
                 return None
             else:
-                args = (self.snap, tensors, comps, plan.num_experts, self.rec)
+                slices = self._slices(entry, shard)
                 checksums = finish_part(
-                    self.snap,
-                    tensors,
-                    comps,
-                    plan.components,
-                    plan.num_experts,
-                    self.rec,
-                    self.out / name,
-                    progress_cb,
-                    stop,
+                    src, slices, plan.expert_bytes, n, rec, final, progress_cb, stop
                 )
                 if verify:
-                    compare_part(*args, self.out / name, entry.layer, stop)
+                    compare_part(src, slices, rec, final, entry.layer, stop)
             record = {"checksums": checksums, "size": size}
             self.state.mark_finished(name, record)
             return record

@@ -1,10 +1,10 @@
 """A layer file written shard by shard: a streamed conversion's layers whose experts span shards.
 
-Each stacked tensor lies in one shard, so a layer spanning shards A and B is the components in A
-plus those in B. ``write_part`` puts one shard's components into every record of
+A layer spanning shards A and B is the expert slices in A plus those in B (whole stacked tensors,
+or per-expert tensors). ``write_part`` puts one shard's slices into their records of
 ``<layer>.partial`` as soon as that shard is here (A can then leave the cache before B arrives);
-``finish_part`` adds the last shard's components, hashes every whole record (the earlier parts
-read back from the file) and commits the file. Same bytes and checksums as ``write_layer``.
+``finish_part`` adds the last shard's slices, hashes every whole record (the earlier parts read
+back from the file) and commits the file. Same bytes and checksums as ``write_layer``.
 """
 
 from __future__ import annotations
@@ -14,96 +14,118 @@ import os
 import threading
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 from ..layouts import Component
 from .errors import ConvertError
 from .fileio import finish, open_for_write, preadv_full, pwrite_full
 from .safetensors_source import TensorInfo
-from .writers import Progress, _check, _open_sources, batch_experts, read_records
+from .writers import Progress, _check, batch_experts, component_sources
 
 
-def runs(components: list[Component]) -> list[tuple[int, int]]:
-    """The byte ranges ``(start, end)`` inside a record that ``components`` cover, merged."""
-    out: list[tuple[int, int]] = []
-    for c in sorted(components, key=lambda c: c.offset):
-        if out and out[-1][1] == c.offset:
-            out[-1] = (out[-1][0], c.offset + c.nbytes)
-        else:
-            out.append((c.offset, c.offset + c.nbytes))
-    return out
+class Slice(NamedTuple):
+    expert: int
+    offset: int  # in the record
+    nbytes: int
+    start: int  # in the shard
 
 
-def _write_runs(fd: int, buf: memoryview, spans, first: int, count: int, rec: int) -> None:
-    for i in range(count):
-        for a, b in spans:
-            pwrite_full(fd, buf[i * rec + a : i * rec + b], (first + i) * rec + a)
+def shard_slices(
+    tensors: list[TensorInfo], components: list[Component], num_experts: int, shard: str
+) -> list[Slice]:
+    """The expert slices of a layer's source ``tensors`` that lie in ``shard``, by expert."""
+    out = []
+    for c, ts in zip(components, component_sources(tensors, components, num_experts), strict=True):
+        for e in range(num_experts):
+            t = ts[0] if len(ts) == 1 else ts[e]
+            if t.file == shard:
+                start = t.start + e * c.nbytes if len(ts) == 1 else t.start
+                out.append(Slice(e, c.offset, c.nbytes, start))
+    return sorted(out)
+
+
+def _batches(slices: list[Slice], num_experts: int, batch: int):
+    """``(first, count, slices of experts first .. first+count)`` for every batch."""
+    i = 0
+    for first in range(0, num_experts, batch):
+        count = min(batch, num_experts - first)
+        j = i
+        while j < len(slices) and slices[j].expert < first + count:
+            j += 1
+        yield first, count, slices[i:j]
+        i = j
+
+
+def _read(fd: int, buf: memoryview, slices: list[Slice], first: int, rec: int, path) -> None:
+    for s in slices:
+        at = (s.expert - first) * rec + s.offset
+        preadv_full(fd, [buf[at : at + s.nbytes]], s.start, path)
+
+
+def _write(fd: int, buf: memoryview, slices: list[Slice], first: int, rec: int) -> None:
+    for s in slices:
+        at = (s.expert - first) * rec + s.offset
+        pwrite_full(fd, buf[at : at + s.nbytes], s.expert * rec + s.offset)
 
 
 def write_part(
-    src_dir: Path,
-    tensors: list[TensorInfo],
-    components: list[Component],
+    src: Path,
+    slices: list[Slice],
     num_experts: int,
     rec: int,
     partial: Path,
     progress: Progress,
     stop: threading.Event | None = None,
 ) -> None:
-    """Write ``components`` (from ``tensors``, all in one shard) into every record of
-    ``partial``, created at its full size if missing; durable on return."""
+    """Write ``slices`` (all from the shard ``src``) into their records of ``partial``, created
+    at its full size if missing; durable on return."""
     buf = memoryview(bytearray(batch_experts(rec, False) * rec))
-    batch, spans = len(buf) // rec, runs(components)
-    part_bytes = sum(c.nbytes for c in components)
     with ExitStack() as stack:
-        fds = _open_sources(stack, src_dir, tensors)
+        fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        stack.callback(os.close, fd_in)
         if partial.exists():
             fd = os.open(partial, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         else:
             fd = open_for_write(partial, num_experts * rec)
         stack.callback(os.close, fd)
-        for first in range(0, num_experts, batch):
+        for first, _, part in _batches(slices, num_experts, len(buf) // rec):
             _check(stop)
-            count = min(batch, num_experts - first)
-            read_records(fds, src_dir, tensors, components, rec, first, count, buf)
-            _write_runs(fd, buf, spans, first, count, rec)
-            progress(count * part_bytes)
+            _read(fd_in, buf, part, first, rec, src)
+            _write(fd, buf, part, first, rec)
+            progress(sum(s.nbytes for s in part))
         os.fsync(fd)  # before the part is recorded as done
 
 
 def finish_part(
-    src_dir: Path,
-    tensors: list[TensorInfo],
-    components: list[Component],
-    all_components: list[Component],
+    src: Path,
+    slices: list[Slice],
+    expert_bytes: int,
     num_experts: int,
     rec: int,
     final: Path,
     progress: Progress,
     stop: threading.Event | None = None,
 ) -> list[str]:
-    """Write the last shard's ``components`` into ``<final>.partial`` (whose other components
-    are written), commit it as ``final``; the sha256 of every record's expert bytes."""
+    """Write the last shard's ``slices`` into ``<final>.partial`` (whose other slices are
+    written) and commit it as ``final``; the sha256 of every record's expert bytes."""
     partial = final.with_name(final.name + ".partial")
-    expert_bytes = sum(c.nbytes for c in all_components)
     buf = memoryview(bytearray(batch_experts(rec, False) * rec))
-    batch, spans = len(buf) // rec, runs(components)
-    part_bytes = sum(c.nbytes for c in components)
     checksums: list[str] = []
     with ExitStack() as stack:
-        fds = _open_sources(stack, src_dir, tensors)
+        fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        stack.callback(os.close, fd_in)
         fd = os.open(partial, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         try:
-            for first in range(0, num_experts, batch):
+            for first, count, part in _batches(slices, num_experts, len(buf) // rec):
                 _check(stop)
-                count = min(batch, num_experts - first)
                 preadv_full(fd, [buf[: count * rec]], first * rec, partial)
-                read_records(fds, src_dir, tensors, components, rec, first, count, buf)
+                _read(fd_in, buf, part, first, rec, src)
                 for i in range(count):
                     checksums.append(
                         hashlib.sha256(buf[i * rec : i * rec + expert_bytes]).hexdigest()
                     )
-                _write_runs(fd, buf, spans, first, count, rec)
-                progress(count * part_bytes)
+                _write(fd, buf, part, first, rec)
+                progress(sum(s.nbytes for s in part))
         except BaseException:
             os.close(fd)
             raise
@@ -112,33 +134,26 @@ def finish_part(
 
 
 def compare_part(
-    src_dir: Path,
-    tensors: list[TensorInfo],
-    components: list[Component],
-    num_experts: int,
+    src: Path,
+    slices: list[Slice],
     rec: int,
     path: Path,
     layer: int,
     stop: threading.Event | None = None,
 ) -> None:
-    """``--verify`` for one shard's components: re-read them from ``path`` (the layer file or
-    its partial) and compare them with the source."""
-    expected_buf = bytearray(batch_experts(rec, False) * rec)
-    expected, actual = memoryview(expected_buf), bytearray(len(expected_buf))
-    batch, spans = len(expected) // rec, runs(components)
+    """``--verify`` for one shard's slices: re-read them from ``path`` (the layer file or its
+    partial) and compare them with the shard ``src``."""
     with ExitStack() as stack:
-        fds = _open_sources(stack, src_dir, tensors)
+        fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        stack.callback(os.close, fd_in)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         stack.callback(os.close, fd)
-        for first in range(0, num_experts, batch):
+        for s in slices:
             _check(stop)
-            count = min(batch, num_experts - first)
-            read_records(fds, src_dir, tensors, components, rec, first, count, expected)
-            preadv_full(fd, [memoryview(actual)[: count * rec]], first * rec, path)
-            for i in range(count):
-                for a, b in spans:  # bytearray slices compare with memcmp
-                    if expected_buf[i * rec + a : i * rec + b] != actual[i * rec + a : i * rec + b]:
-                        raise ConvertError(
-                            path,
-                            f"layer {layer} expert {first + i}: written bytes differ from the source",
-                        )
+            expected, actual = bytearray(s.nbytes), bytearray(s.nbytes)
+            preadv_full(fd_in, [memoryview(expected)], s.start, src)
+            preadv_full(fd, [memoryview(actual)], s.expert * rec + s.offset, path)
+            if expected != actual:
+                raise ConvertError(
+                    path, f"layer {layer} expert {s.expert}: written bytes differ from the source"
+                )
