@@ -278,13 +278,11 @@ def plan_experts(ckpt: Checkpoint, loaded: LoadedModel | None = None) -> ExpertP
     )
 
 
-def shards_held(layers: list[MoeLayer], sizes: dict[str, int]) -> int:
-    """The most shard bytes a streamed conversion of ``layers`` holds at once: two shards (one
-    converting, the next downloading), or all the shards of one layer, which it needs together
-    (per-expert tensors of a layer may span more than two). ``sizes``: the shards to fetch."""
-    two = sum(sorted(sizes.values())[-2:])
-    layer = (sum(sizes.get(f, 0) for f in {t.file for t in e.tensors}) for e in layers)
-    return max(two, max(layer, default=0))
+def shards_held(sizes: dict[str, int]) -> int:
+    """The most shard bytes a streamed conversion holds at once: the two largest of the shards
+    to fetch (``sizes``), one being repacked while the next downloads; a layer whose experts
+    span more shards is written a shard at a time (``stream_parts``), so it holds no more."""
+    return sum(sorted(sizes.values())[-2:])
 
 
 def unused_summary(names: list[str]) -> str:

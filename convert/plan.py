@@ -7,6 +7,7 @@ here is a second parser of either format.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -22,6 +23,7 @@ from .model_check import check_mlx_lm_loads
 from .remote import list_files, write_replica
 from .safetensors_source import open_checkpoint
 from .source import aux_files
+from .stream import SMALL_PATTERNS
 from .writers import dense_size
 
 RAM_SIZES_GB = (32, 48, 64, 96, 128, 192)
@@ -30,6 +32,10 @@ UNKNOWNS = (
     "not known before running: routing locality (how often a token's experts are already in the "
     "bank, which sets the hit rate) and the SSD's read speed; together they set tokens/s"
 )
+# what a conversion records besides the layout while it runs (OUT/.flashmoe-convert): a record
+# per finished layer file, with a sha256 per expert ('"<64 hex>", '), and the source's files
+# with their sizes and sha256; plus slack for the Hub cache's refs and lock files
+RECORD_BYTES_PER_EXPERT, RECORD_BYTES_PER_FILE, RECORD_SLACK = 68, 160, 4096
 
 
 @dataclass
@@ -58,11 +64,10 @@ class LayoutPlan:
     layout_bytes: int
     source_bytes: int
     shards: int
-    largest_shards_bytes: (
-        int  # what a streamed conversion holds at most: two shards, or one layer's
-    )
+    largest_shards_bytes: int  # what a streamed conversion holds at most: the two largest shards
+    kept_files_bytes: int  # small files kept meanwhile: config, tokenizer, weight index, records
     disk_full_download: int  # checkpoint + layout
-    disk_streaming: int  # layout + largest_shards_bytes
+    disk_streaming: int  # layout + largest_shards_bytes + kept_files_bytes
     memory: list[MemoryRow] = field(default_factory=list)
     unknowns: str = UNKNOWNS
 
@@ -81,8 +86,8 @@ class LayoutPlan:
             f"  dense weights: {h(self.dense_bytes)}; layout: {h(self.layout_bytes)}",
             f"  checkpoint: {h(self.source_bytes)} in {self.shards} shard(s)",
             f"  disk needed: {h(self.disk_full_download)} downloading the whole "
-            f"checkpoint, {h(self.disk_streaming)} streaming it (layout + the shards "
-            f"held at once)",
+            f"checkpoint, {h(self.disk_streaming)} streaming it (layout + the two "
+            f"largest shards, held at once, + {h(self.kept_files_bytes)} of small files)",
             "  bank per MoE layer with flashmoe-run's default budget (75 % of RAM, "
             f"{KV_TOKENS} tokens of KV cache):",
         ]
@@ -127,6 +132,15 @@ def memory_rows(
     return rows
 
 
+def kept_files(files: dict[str, int], shards: int, layers: int, experts: int) -> int:
+    """What a streamed conversion keeps on disk besides the layout and the shards: the small
+    files of the repo (``files``: name -> size) in the Hub cache, and its records."""
+    small = [n for n in files if any(fnmatch.fnmatch(n, p) for p in SMALL_PATTERNS)]
+    records = layers * experts * RECORD_BYTES_PER_EXPERT
+    records += (len(small) + shards) * RECORD_BYTES_PER_FILE
+    return sum(files[n] for n in small) + records + RECORD_SLACK
+
+
 def plan_layout(
     src: str | os.PathLike,
     *,
@@ -165,14 +179,15 @@ def _plan_directory(
     if remote is None:
         aux = sum(os.path.getsize(directory / n) for n in aux_files(directory))
         shard_sizes = [s.size for s in ckpt.shards]
+        files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
     else:
         aux = sum(remote[n] for n in copied_files(remote))
         shard_sizes = [remote.get(s.name, s.size) for s in ckpt.shards]
+        files = remote
     layout = len(plan.layers) * layer_bytes + dense + aux
     sizes = sorted(shard_sizes, reverse=True)
-    held = shards_held(
-        plan.layers, dict(zip((s.name for s in ckpt.shards), shard_sizes, strict=True))
-    )
+    held = shards_held(dict(zip((s.name for s in ckpt.shards), shard_sizes, strict=True)))
+    kept = kept_files(files, len(sizes), len(plan.layers), plan.num_experts)
     source = sum(sizes) + aux
     comp = plan.components[0]
     quant = f"{comp.mode} {comp.bits}-bit" + (
@@ -194,8 +209,9 @@ def _plan_directory(
         source_bytes=source,
         shards=len(sizes),
         largest_shards_bytes=held,
+        kept_files_bytes=kept,
         disk_full_download=source + layout,
-        disk_streaming=layout + held,
+        disk_streaming=layout + held + kept,
         memory=memory_rows(
             ckpt.config,
             dense=dense,

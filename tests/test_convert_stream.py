@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from flashmoe.convert import ConvertError, convert_checkpoint
+from flashmoe.convert.plan import plan_layout
 from flashmoe.layouts import INDEX_FILE
 from test_convert_plan import upload_checkpoint
 
@@ -83,6 +84,10 @@ def test_streamed_conversion_is_identical_with_bounded_disk(hub, hub_checkpoint,
     two = sum(sorted(shards.values())[-2:])
     small = disk_bytes(cache)  # what stays in the Hub cache: config, tokenizer, weight index
     assert max(peaks) <= layout + two + small, (max(peaks), layout, two, small)
+    # what --plan says a streamed conversion needs (headers only) is what it held
+    plan = plan_layout(REPO, progress=False)
+    assert plan.largest_shards_bytes == two and plan.layout_bytes == layout
+    assert max(peaks) <= plan.disk_streaming, (max(peaks), plan.disk_streaming)
     assert max(peaks) < layout + sum(shards.values())  # less than the whole checkpoint
 
     # layers whose experts span two shards were written a shard at a time
