@@ -17,6 +17,13 @@ then its pages are never written back, so that is the pure transfer) and ``flash
 
     python benchmarks/convert_bench.py --hub --dir /work/bench-tmp --layers 8 \
         --variant before=/tmp/flashmoe-main/.venv/bin/python --variant after=.venv/bin/python
+
+``--plan``: ``flashmoe-convert --plan ORG/NAME`` (a fresh process, nothing cached) of a repo of
+``--shards`` shards on the emulator, each its real header and a hole (no data written), with
+``--latency-ms`` added to every request; and, in one process, the header fetch alone and
+``plan_layout``.
+
+    python benchmarks/convert_bench.py --plan --layers 61 --shards 100 --repeat 5
 """
 
 from __future__ import annotations
@@ -128,10 +135,8 @@ def nbytes(dtype: str, shape: list[int]) -> int:
     return int(np.prod(shape)) * SIZES[dtype]
 
 
-def write_checkpoint(path: Path, layers: int, shard_bytes: int) -> int:
-    """Write the shards (greedy in parameter order, like mlx-lm) with random bytes; return their size."""
-    path.mkdir(parents=True, exist_ok=True)
-    entries = tensors(layers)
+def pack(entries: list, shard_bytes: int) -> list[list]:
+    """Greedy in parameter order, like mlx-lm: a new shard when the next tensor would overflow."""
     shards: list[list] = []
     size = 0
     for e in entries:
@@ -140,7 +145,27 @@ def write_checkpoint(path: Path, layers: int, shard_bytes: int) -> int:
             size = 0
         shards[-1].append(e)
         size += nbytes(e[1], e[2])
-    noise = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
+    return shards
+
+
+def shard_bytes_for(layers: int, count: int) -> int:
+    """The largest shard size that packs ``layers`` layers into ``count`` shards or more."""
+    entries = tensors(layers)
+    lo, hi = max(nbytes(e[1], e[2]) for e in entries), sum(nbytes(e[1], e[2]) for e in entries)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(pack(entries, mid)) >= count else (lo, mid - 1)
+    return lo
+
+
+def write_checkpoint(path: Path, layers: int, shard_bytes: int, sparse: bool = False) -> int:
+    """Write the shards (greedy in parameter order, like mlx-lm) with random bytes, or, ``sparse``,
+    each its real header and a hole of the data's size; return their size."""
+    path.mkdir(parents=True, exist_ok=True)
+    shards = pack(tensors(layers), shard_bytes)
+    noise = (
+        b"" if sparse else np.random.default_rng(0).integers(0, 256, 64 << 20, np.uint8).tobytes()
+    )
     weight_map, total, cursor = {}, 0, 0
     for s, group in enumerate(shards):
         name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -153,7 +178,9 @@ def write_checkpoint(path: Path, layers: int, shard_bytes: int) -> int:
         raw = json.dumps(header).encode()  # not padded: data starts at an odd offset, as in mlx-lm
         with open(path / name, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
-            left = offset
+            left = 0 if sparse else offset
+            if sparse:
+                f.truncate(8 + len(raw) + offset)
             while left:
                 n = min(left, len(noise) - cursor, 16 << 20)
                 f.write(noise[cursor : cursor + n])
@@ -243,6 +270,20 @@ print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1]), "cpu":
 """
 
 
+def put_sparse_checkpoint(hub, repo: str, src: Path) -> None:
+    """Commit ``src`` (``write_checkpoint(sparse=True)``) to ``repo`` on the emulator: each shard
+    its header and a hole (``HubEmulator.put_sparse_file``), the small files as they are."""
+    hub.create_repo(repo, "bench", False)
+    for p in sorted(src.iterdir()):
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                head = f.read(8)
+                head += f.read(int.from_bytes(head, "little"))
+            hub.put_sparse_file(repo, p.name, head, p.stat().st_size)
+        else:
+            hub.put_file(repo, p.name, p.read_bytes())
+
+
 def hub_main(args: argparse.Namespace) -> None:
     """Streamed conversion from the Hub emulator against the download alone (see the docstring)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -330,6 +371,83 @@ def hub_main(args: argparse.Namespace) -> None:
             shutil.rmtree(args.dir, ignore_errors=True)
 
 
+PLAN_REPO = "bench/plan-moe"
+
+PLAN_IN_PROCESS = """
+import json, sys, time
+t = time.perf_counter()
+from flashmoe.convert.plan import plan_layout
+imported = time.perf_counter() - t
+from huggingface_hub import HfApi
+t = time.perf_counter()
+HfApi().get_safetensors_metadata(sys.argv[1])
+headers = time.perf_counter() - t
+t = time.perf_counter()
+plan = plan_layout(sys.argv[1], progress=False)
+print(json.dumps({"import": imported, "headers": headers, "plan": time.perf_counter() - t,
+                  "shards": plan.shards}))
+"""
+
+
+def plan_main(args: argparse.Namespace) -> None:
+    """``flashmoe-convert --plan ORG/NAME`` of a many-shard repo on the Hub emulator: shards of
+    their real headers and holes (``write_checkpoint(sparse=True)``, ``put_sparse_file``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from hub_emulator import HubEmulator
+
+    src, home = args.dir / "src", args.dir / "hf-home"
+    shutil.rmtree(args.dir, ignore_errors=True)
+    hub = HubEmulator(args.dir / "hub-server").start()
+    hub.latency = args.latency_ms / 1000
+    try:
+        total = write_checkpoint(src, args.layers, shard_bytes_for(args.layers, args.shards), True)
+        put_sparse_checkpoint(hub, PLAN_REPO, src)
+        shards = len(list(src.glob("*.safetensors")))
+        print(
+            f"{PLAN_REPO} on the emulator: {args.layers} layers, {total / 1e9:.1f} GB in {shards} "
+            f"shards (headers and holes); {args.latency_ms:g} ms per request"
+        )
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(home)}
+        env.update(HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_XET="1", PYTHONWARNINGS="ignore")
+        env.update(HF_TOKEN="hf_emulator_write_token")
+        env.pop("HF_HUB_OFFLINE", None)
+        cli = Path(sys.executable).parent / "flashmoe-convert"
+        rows: dict[str, list[float]] = {}
+        for _ in range(args.repeat):
+            shutil.rmtree(home, ignore_errors=True)  # nothing cached: every round fetches
+            t = time.perf_counter()
+            r = subprocess.run(
+                [str(cli), "--plan", PLAN_REPO, "--json"], env=env, capture_output=True
+            )
+            rows.setdefault("flashmoe-convert --plan (process, imports included)", []).append(
+                time.perf_counter() - t
+            )
+            if r.returncode or json.loads(r.stdout)["shards"] != shards:
+                raise SystemExit(r.stderr.decode().strip().splitlines()[-1:])
+            shutil.rmtree(home, ignore_errors=True)
+            r = subprocess.run(
+                [sys.executable, "-c", PLAN_IN_PROCESS, PLAN_REPO],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.setdefault("import flashmoe.convert.plan", []).append(got["import"])
+            rows.setdefault("get_safetensors_metadata (headers alone)", []).append(got["headers"])
+            rows.setdefault("plan_layout() (in process, after the above)", []).append(got["plan"])
+        for name, seconds in rows.items():
+            runs = " ".join(f"{t:.2f}" for t in seconds)
+            print(f"{name:54s} median {float(np.median(seconds)):5.2f} s ({runs})")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            result = {"shards": shards, "layers": args.layers, "latency_ms": args.latency_ms}
+            args.json.write_text(json.dumps({**result, "seconds": rows}, indent=2) + "\n")
+    finally:
+        hub.stop()
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -346,9 +464,14 @@ def main() -> None:
     ap.add_argument(
         "--variant", action="append", help="--hub: LABEL=PYTHON, an interpreter to convert with"
     )
+    ap.add_argument("--plan", action="store_true", help="time --plan of a many-shard Hub repo")
+    ap.add_argument("--shards", type=int, default=100, help="--plan: shards of the repo")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="--plan: per request")
     args = ap.parse_args()
     if args.hub:
         return hub_main(args)
+    if args.plan:
+        return plan_main(args)
 
     src, out = args.dir / "src", args.dir / "out"
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -132,6 +132,9 @@ class HubEmulator:
         self.requests: list[tuple[str, str]] = []  # (method, path) log
         # called as on_request(method, path, headers) before a request is served (tests measure)
         self.on_request = None
+        # seconds each request waits before it is served, outside the lock (a remote Hub's
+        # round trip, for benchmarks: requests in parallel overlap it)
+        self.latency = 0.0
         # file path -> drop the next whole-file GET after N bytes (a dropped connection)
         self.cut_downloads: dict[str, int] = {}
         self.missing_files: set[str] = set()  # 404 but to range requests (a failed download)
@@ -243,6 +246,29 @@ class HubEmulator:
             tree = dict(head.tree)
             tree[path] = self._entry(sha, local.stat().st_size, True)
             return self._new_commit(repo, revision, head.oid, f"add {path}", "", tree).oid
+
+    def put_sparse_file(
+        self, repo_id: str, path: str, head: bytes, size: int, revision: str = "main"
+    ) -> str:
+        """Commit an LFS file of ``size`` bytes: ``head``, then zeros stored as a hole (a shard
+        of gigabytes costs no disk and no write); return the commit id. Its content address is
+        the sha256 of ``head`` and ``size``, not of the bytes (hashing gigabytes of zeros would
+        cost what a benchmark measures): for clients that read ranges (safetensors headers),
+        a full download would fail a sha256 check."""
+        assert len(head) <= size, (path, len(head), size)
+        sha = hashlib.sha256(head + b"\0sparse %d" % size).hexdigest()
+        obj = self._object_path(sha)
+        if not obj.exists():
+            tmp = self.root / "incoming" / secrets.token_hex(8)
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.truncate(size)
+            tmp.replace(obj)
+        with self.lock:
+            repo, head_commit = self.resolve(repo_id, revision)
+            tree = dict(head_commit.tree)
+            tree[path] = self._entry(sha, size, True)
+            return self._new_commit(repo, revision, head_commit.oid, f"add {path}", "", tree).oid
 
     def pause_download(self, path: str, at: int) -> Pause:
         """Hold the next GET of ``path`` that passes byte ``at`` there (see ``Pause``)."""
@@ -400,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.on_request is not None:
             hub.on_request(self.command, unquote(raw), self.headers)
         segs = [unquote(s) for s in raw.strip("/").split("/")]
+        if hub.latency:
+            time.sleep(hub.latency)
         try:
             with hub.lock:
                 self._route(segs, raw)

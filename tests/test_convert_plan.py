@@ -21,6 +21,7 @@ from flashmoe.layouts import read_index
 from flashmoe.sizing import GiB, default_budget, kv_cache_bytes, slots_for_budget
 
 REPO = "flashmoe-test/tiny-moe-checkpoint"
+INDEX = "model.safetensors.index.json"
 
 
 def upload_checkpoint(hub, src: Path, repo: str = REPO, private: bool = False) -> int:
@@ -126,3 +127,49 @@ def test_plan_bad_input_is_one_line(hub, tmp_path, capsys, monkeypatch):
     assert main(["--plan", "flashmoe-test/x"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "offline" in lines[0], lines
+
+
+def test_plan_of_a_100_shard_repo(hub, tmp_path):
+    """A 100-shard repo (Qwen3.5-35B-A3B expert geometry, 61 layers, 29 GB) whose shards are
+    their real headers and holes (``put_sparse_file``): the plan reads only headers (range
+    requests; nothing downloaded) and its numbers are the ones the headers give."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import convert_bench as bench
+
+    src, repo = tmp_path / "src", "flashmoe-test/hundred-shards"
+    layers = 61
+    bench.write_checkpoint(src, layers, bench.shard_bytes_for(layers, 100), sparse=True)
+    bench.put_sparse_checkpoint(hub, repo, src)
+    plan = plan_layout(repo, progress=False)
+
+    sizes = {p.name: p.stat().st_size for p in src.glob("*.safetensors")}
+    assert len(sizes) == plan.shards == 100
+    tensors = {}  # name -> (shape, data_offsets), from the headers
+    for name in sizes:
+        with open(src / name, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        tensors.update({k: (v["shape"], v["data_offsets"]) for k, v in header.items()})
+    experts: dict[int, int] = {}  # layer -> its experts' bytes
+    for key, (shape, (start, end)) in tensors.items():
+        if ".mlp.switch_mlp." in key:
+            layer = int(key.split(".layers.")[1].split(".")[0])
+            experts[layer] = experts.get(layer, 0) + end - start
+            assert shape[0] == bench.EXPERTS
+    expert_bytes = experts[0] // bench.EXPERTS
+    assert set(experts.values()) == {expert_bytes * bench.EXPERTS} and len(experts) == layers
+    record = -(-expert_bytes // 16384) * 16384
+    assert (plan.moe_layers, plan.num_experts, plan.top_k) == (layers, bench.EXPERTS, bench.TOP_K)
+    assert (plan.expert_bytes, plan.record_size) == (expert_bytes, record)
+    assert plan.layer_file_bytes == bench.EXPERTS * record
+    dense = sum(e - s for k, (_, (s, e)) in tensors.items() if ".switch_mlp." not in k)
+    dense_tensors = len(tensors) - 9 * layers  # + the dense file's header: a line per tensor
+    assert dense < plan.dense_bytes < dense + 8 + 200 * dense_tensors
+    aux = sum(p.stat().st_size for p in src.iterdir() if p.name.endswith("config.json"))
+    assert plan.layout_bytes == layers * bench.EXPERTS * record + plan.dense_bytes + aux
+    assert plan.source_bytes == sum(sizes.values()) + aux
+    two = sum(sorted(sizes.values())[-2:])
+    assert plan.largest_shards_bytes == two
+    assert plan.disk_streaming == plan.layout_bytes + two + plan.kept_files_bytes
+    assert plan.disk_full_download == plan.source_bytes + plan.layout_bytes
+    assert set(hub.bytes_served) == {"config.json", INDEX}  # headers only: no shard downloaded
