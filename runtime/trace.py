@@ -30,10 +30,11 @@ import numpy as np
 import zstandard
 
 MAGIC = b"FMOETRC1"
-VERSION = 1
+VERSION = 2  # 1: ids delta-coded in recording order (still read)
+VERSIONS = (1, 2)
 RECORD = np.dtype([("layer", "<u2"), ("k", "<u2"), ("rows", "<u4"), ("step", "<u4")])
 CHUNK_IDS = 1 << 20  # ids buffered before a chunk is compressed and written
-LEVEL = 3  # higher zstd levels gain < 3 % on routing ids at 5-50 x the time
+LEVEL = 3  # levels 9 and 19 gain < 1 % on version 2 chunks at 3-300 x the time
 
 
 class TraceError(ValueError):
@@ -50,8 +51,8 @@ class TraceWriter:
     def __init__(
         self, path: str | Path, *, num_layers: int, num_experts: int, top_k: int, meta: dict
     ):
-        if not 0 < num_experts <= 1 << 16:
-            raise ValueError(f"a trace holds up to 65536 experts per layer, not {num_experts}")
+        if not 0 < num_experts < 1 << 16:
+            raise ValueError(f"a trace holds up to 65535 experts per layer, not {num_experts}")
         self.path = Path(path)
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         header = {
@@ -113,17 +114,13 @@ class TraceWriter:
         if not self._records or self._file is None:
             return
         records = np.array(self._records, dtype=RECORD)
-        parts = [struct.pack("<I", len(records)), records.tobytes()]
-        ids = np.concatenate(self._ids)
-        order = np.argsort(ids, axis=1, kind="stable")
-        ids = np.take_along_axis(ids, order, axis=1)
-        hits = np.take_along_axis(np.concatenate(self._hits), order, axis=1)
-        delta = ids.astype("<u2")
-        delta[:, 1:] = np.diff(ids, axis=1)
-        parts.append(delta.view(np.uint8).reshape(-1, 2).T.tobytes())  # byte planes
-        parts.append(np.packbits(hits.ravel(), bitorder="little").tobytes())
-        frame = self._zstd.compress(b"".join(parts))
-        self._file.write(struct.pack("<I", len(frame)) + frame)
+        sections = _encode(
+            records, np.concatenate(self._ids), np.concatenate(self._hits), self.num_experts
+        )
+        frames = [self._zstd.compress(s) for s in sections]  # each its own entropy tables
+        body = struct.pack(f"<H{len(frames)}I", len(frames), *map(len, frames))
+        body += b"".join(frames)
+        self._file.write(struct.pack("<I", len(body)) + body)
         self._file.flush()
         self._records, self._ids, self._hits, self._buffered = [], [], [], 0
 
@@ -176,8 +173,12 @@ def _header(data: bytes, path) -> tuple[dict, int]:
         header = json.loads(data[12 : 12 + hlen])
     except ValueError as e:
         raise TraceError(f"{path}: bad trace header: {e}") from None
-    if header.get("format") != "flashmoe-trace" or header.get("version") != VERSION:
-        raise TraceError(f"{path}: unsupported trace format/version {header.get('version')}")
+    if header.get("format") != "flashmoe-trace":
+        raise TraceError(f"{path}: not a flashmoe routing trace (format {header.get('format')!r})")
+    if header.get("version") not in VERSIONS:
+        raise TraceError(
+            f"{path}: unsupported trace version {header.get('version')!r} (reads 1, 2)"
+        )
     return header, 12 + hlen
 
 
@@ -192,9 +193,9 @@ def append_trace(path: str | Path, other: bytes) -> None:
             head += f.read(struct.unpack_from("<I", head, 8)[0])
     mine, _ = _header(head, path)
     theirs, start = _header(other, f"{path} (another rank's part)")
-    keys = ("num_layers", "num_experts", "top_k")
+    keys = ("version", "num_layers", "num_experts", "top_k")
     if [mine[k] for k in keys] != [theirs[k] for k in keys]:
-        raise TraceError(f"{path}: another rank traced a different model")
+        raise TraceError(f"{path}: another rank traced a different model or trace version")
     with open(path, "ab") as f:
         f.write(other[start:])
 
@@ -214,8 +215,11 @@ def read_trace(path: str | Path) -> Trace:
             raise TraceError(f"{path}: truncated chunk at byte {pos}")
         pos += 4 + clen
         try:
-            _decode_chunk(dctx.decompress(frame), header["top_k"], per)
-        except (zstandard.ZstdError, ValueError) as e:
+            if header["version"] == 1:
+                _decode_v1(dctx.decompress(frame), header["top_k"], per)
+            else:
+                _decode(_sections(frame, dctx), header["top_k"], header["num_experts"], per)
+        except (zstandard.ZstdError, ValueError, struct.error) as e:
             raise TraceError(f"{path}: bad chunk: {e}") from None
     layers = {}
     for layer in sorted(per):
@@ -226,7 +230,22 @@ def read_trace(path: str | Path) -> Trace:
     )
 
 
-def _decode_chunk(raw: bytes, top_k: int, per: dict) -> None:
+def _sections(chunk: bytes, dctx: zstandard.ZstdDecompressor) -> bytes:
+    """A version 2 chunk's payload: its frames decompressed and concatenated."""
+    (m,) = struct.unpack_from("<H", chunk, 0)
+    sizes = struct.unpack_from(f"<{m}I", chunk, 2)
+    pos, out = 2 + 4 * m, []
+    for size in sizes:
+        if pos + size > len(chunk):
+            raise TraceError("frame sizes exceed the chunk")
+        out.append(dctx.decompress(chunk[pos : pos + size]))
+        pos += size
+    if pos != len(chunk):
+        raise TraceError("bytes after the chunk's frames")
+    return b"".join(out)
+
+
+def _decode_v1(raw: bytes, top_k: int, per: dict) -> None:
     (n,) = struct.unpack_from("<I", raw, 0)
     records = np.frombuffer(raw, dtype=RECORD, count=n, offset=4)
     if (records["k"] != top_k).any():
@@ -253,6 +272,195 @@ def _decode_chunk(raw: bytes, top_k: int, per: dict) -> None:
         lists[0].append(ids[rows_of])
         lists[1].append(hits[rows_of])
         lists[2].append(steps[rows_of])
+
+
+HEAD = 32  # at most this many ids per layer and chunk are relabeled by frequency and bitmapped
+POPULAR = 0.1  # ... those in at least this share of the layer's rows (rounded up to 8)
+BIG = 0xFFFF  # "no id" while decoding; ids stay below it
+
+
+def _columns(bits: np.ndarray, width: np.ndarray | None = None) -> list[bytes]:
+    """Rows of bits packed (little bit order), one byte column after another; with ``width``
+    (bits per row), column ``c`` holds only the rows wider than ``8 c`` bits."""
+    packed = np.packbits(bits, axis=1, bitorder="little")
+    if width is None:
+        return [col.tobytes() for col in packed.T]
+    return [col[width > 8 * c].tobytes() for c, col in enumerate(packed.T)]
+
+
+def _bits(raw: np.ndarray, pos: int, width: np.ndarray, nbits: int) -> tuple[np.ndarray, int]:
+    """Inverse of ``_columns``: rows x ``nbits`` bools (zero beyond each row's width), new pos."""
+    packed = np.zeros((len(width), (nbits + 7) // 8), np.uint8)
+    for c in range(packed.shape[1]):
+        sel = width > 8 * c
+        n = int(sel.sum())
+        if pos + n > len(raw):
+            raise TraceError("chunk shorter than its records")
+        packed[sel, c] = raw[pos : pos + n]
+        pos += n
+    bits = np.unpackbits(packed, axis=1, count=nbits, bitorder="little").astype(bool)
+    return bits & (np.arange(nbits) < width[:, None]), pos
+
+
+def _h(p: np.ndarray) -> np.ndarray:
+    """Binary entropy in bits."""
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def _encode(
+    records: np.ndarray, ids: np.ndarray, hits: np.ndarray, num_experts: int
+) -> list[bytes]:
+    """One chunk in format version 2 (``layouts/FORMAT.md``) as its sections, each to be
+    compressed as one zstd frame; ``ids``/``hits`` are rows x k in recording order."""
+    rows, k = ids.shape
+    e = num_experts
+    layer_of = np.repeat(records["layer"], records["rows"])
+    order = np.argsort(layer_of, kind="stable")
+    ids, hits = ids[order], hits[order]
+    layers, starts, counts = np.unique(layer_of[order], return_index=True, return_counts=True)
+    nl = len(layers)
+    li = np.repeat(np.arange(nl), counts)  # layer index of each row
+    freq = np.bincount((li[:, None] * e + ids).ravel(), minlength=nl * e).reshape(nl, e)
+    by_freq = np.argsort(-freq, axis=1, kind="stable")
+    share = np.take_along_axis(freq, by_freq, axis=1) / np.maximum(counts, 1)[:, None]
+    h = np.minimum(-(-(share[:, :HEAD] >= POPULAR).sum(1) // 8) * 8, min(e, HEAD))
+    rankmap = np.empty((nl, e), np.uint16)
+    steps = records["step"].astype(np.int64)
+    table = [
+        struct.pack("<I", len(records)),
+        records["layer"].astype("<u2").tobytes(),
+        records["rows"].astype("<u4").tobytes(),
+        np.diff(steps, prepend=0).astype("<u4").tobytes(),
+    ]
+    for i in range(nl):
+        head = by_freq[i, : h[i]]
+        rest = np.ones(e, bool)
+        rest[head] = False
+        rankmap[i, head] = np.arange(h[i])
+        rankmap[i, rest] = np.arange(h[i], e)
+    key = rankmap[li[:, None], ids].astype(np.uint32) * 2 + hits
+    key.sort(axis=1)  # rows in ascending rank, hits with them
+    ranks, hits = (key >> 1).astype(np.uint16), (key & 1).astype(bool)
+    prev = np.full_like(ranks, BIG)  # each row's previous row of its layer (none: BIG)
+    prev[1:] = ranks[:-1]
+    prev[starts] = BIG
+    same = prev[:, :, None] == ranks[:, None, :]  # [r, j, i]: previous row's j-th is this i-th
+    keep, new_loc = same.any(2), ~same.any(1)
+    # locality mode where it codes fewer bits (independent-bits estimate per layer)
+    n = np.maximum(counts, 1)[:, None]
+    fresh = np.bincount((li[:, None] * e + ids)[new_loc], minlength=nl * e).reshape(nl, e)
+    kept = np.bincount(li, keep.sum(1), minlength=nl) / (n[:, 0] * k)
+    cost0 = _h(freq / n).sum(1)
+    cost1 = _h(fresh / n).sum(1) + k * _h(kept)
+    modes = (cost1 < cost0).astype(np.uint8)
+    lines = [
+        struct.pack("<BB", modes[i], h[i]) + by_freq[i, : h[i]].astype("<u2").tobytes()
+        for i in range(nl)
+    ]
+    loc = modes[li].astype(bool)
+    new = new_loc | ~loc[:, None]
+    hr = h[li]
+    head_bits = np.zeros((rows, HEAD), bool)
+    r, j = np.nonzero(new & (ranks < hr[:, None]))
+    head_bits[r, ranks[r, j]] = True
+    tail = np.where(new & (ranks >= hr[:, None]), ranks - hr[:, None], BIG).astype(np.uint16)
+    tail.sort(axis=1)
+    valid = tail != BIG
+    gaps = tail.copy()
+    gaps[:, 1:] -= tail[:, :-1] + 1
+    gaps = gaps.T[valid.T].astype(np.int64)
+    # each gap as bytes 255 x (gap // 255) then gap % 255: near-optimal under zstd's Huffman
+    # for geometric-like gaps, and too varied for LZ matches (which cost more than literals)
+    ends = np.cumsum(gaps // 255 + 1)
+    varint = np.full(int(ends[-1]) if gaps.size else 0, 255, np.uint8)
+    varint[ends - 1] = gaps % 255
+    return [
+        *table,
+        b"".join(lines),
+        *_columns(keep[loc]),
+        *_columns(head_bits, hr),
+        varint.tobytes(),
+        *_columns(hits),
+    ]
+
+
+def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
+    k, e = top_k, num_experts
+    (n,) = struct.unpack_from("<I", raw, 0)
+    records = np.zeros(n, RECORD)
+    records["layer"] = np.frombuffer(raw, "<u2", count=n, offset=4)
+    records["rows"] = np.frombuffer(raw, "<u4", count=n, offset=4 + 2 * n)
+    records["step"] = np.cumsum(np.frombuffer(raw, "<u4", count=n, offset=4 + 6 * n))
+    pos = 4 + 10 * n
+    layer_of = np.repeat(records["layer"], records["rows"])
+    order = np.argsort(layer_of, kind="stable")
+    layers, starts, counts = np.unique(layer_of[order], return_index=True, return_counts=True)
+    rows, nl = len(order), len(layers)
+    li = np.repeat(np.arange(nl), counts)
+    modes, h = np.zeros(nl, np.uint8), np.zeros(nl, np.int64)
+    inv = np.empty((nl, e), np.uint16)
+    for i in range(nl):
+        modes[i], h[i] = struct.unpack_from("<BB", raw, pos)
+        head = np.frombuffer(raw, "<u2", count=h[i], offset=pos + 2)
+        pos += 2 + 2 * h[i]
+        rest = np.ones(e, bool)
+        rest[head[head < e]] = False
+        if modes[i] > 1 or h[i] > HEAD or rest.sum() != e - h[i]:
+            raise TraceError(f"bad table entry of layer {layers[i]}")
+        inv[i] = np.concatenate([head, np.flatnonzero(rest)])
+    buf = np.frombuffer(raw, np.uint8)
+    loc = modes[li].astype(bool)
+    keep = np.zeros((rows, k), bool)
+    keep[loc], pos = _bits(buf, pos, np.full(int(loc.sum()), k), k)
+    hr = h[li]
+    head_bits, pos = _bits(buf, pos, hr, HEAD)
+    ntail = k - keep.sum(1) - head_bits.sum(1)
+    if (ntail < 0).any():
+        raise TraceError("a row has more than top_k ids")
+    total = int(ntail.sum())
+    varint = buf[pos:]
+    ends = np.flatnonzero(varint != 255)[:total]
+    if len(ends) < total:
+        raise TraceError("chunk shorter than its records")
+    sums = np.cumsum(varint[: ends[-1] + 1] if total else varint[:0], dtype=np.int64)[ends]
+    valid = np.arange(k) < ntail[:, None]
+    gaps = np.zeros((rows, k), np.int64)
+    gaps.T[valid.T] = np.diff(sums, prepend=0)
+    pos += int(ends[-1]) + 1 if total else 0
+    if len(raw) != pos + rows * ((k + 7) // 8):
+        raise TraceError("chunk size does not match its records")
+    tail = np.cumsum(gaps + (np.arange(k) > 0), axis=1) + hr[:, None]
+    new = np.concatenate(
+        [np.where(head_bits, np.arange(HEAD), BIG), np.where(valid, np.minimum(tail, BIG), BIG)],
+        axis=1,
+    )
+    new.sort(axis=1)
+    ranks = new[:, :k]
+    if loc.any():  # a row = the kept ids of its layer's previous row, and its new ids
+        lay = np.flatnonzero(modes)
+        state = np.full((len(lay), k), BIG, np.int64)
+        for i in range(int(counts[lay].max())):
+            act = np.flatnonzero(counts[lay] > i)
+            r = starts[lay[act]] + i
+            both = np.concatenate([np.where(keep[r], state[act], BIG), ranks[r]], axis=1)
+            both.sort(axis=1)
+            state[act] = ranks[r] = both[:, :k]
+    if (ranks >= e).any():
+        raise TraceError("an expert id out of range")
+    ids = inv[li[:, None], ranks]
+    hits, _ = _bits(buf, pos, np.full(rows, k), k)
+    key = ids.astype(np.uint32) * 2 + hits
+    key.sort(axis=1)  # the reader's rows are in ascending id order
+    ids, hits = (key >> 1).astype(np.uint16), (key & 1).astype(bool)
+    steps = np.repeat(records["step"], records["rows"])[order]
+    bounds = [*starts.tolist(), rows]
+    for i, layer in enumerate(layers.tolist()):
+        part = slice(bounds[i], bounds[i + 1])
+        lists = per.setdefault(layer, ([], [], []))
+        lists[0].append(ids[part])
+        lists[1].append(hits[part])
+        lists[2].append(steps[part])
 
 
 __all__ = ["LayerTrace", "Trace", "TraceError", "TraceWriter", "append_trace", "read_trace"]
