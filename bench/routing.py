@@ -152,19 +152,12 @@ class RoutingDesign:
         return x
 
 
-def design_trace(
-    path,
-    preset: str,
-    layers: int,
-    tokens: int,
-    *,
-    seed: int = 0,
-    vocab: int = 248320,
-) -> None:
-    """Write a routing trace of the realistic design (``layers`` MoE layers, ``tokens`` decode
-    steps of token ids drawn uniformly from ``vocab``) without running a model; hits are not
-    recorded (all False). The model itself routes ~95 % the same (quantization, the blocks)."""
-    from ..runtime.trace import TraceWriter
+def design_routes(
+    preset: str, layers: int, tokens: int, *, seed: int = 0, vocab: int = 248320
+) -> tuple[list[np.ndarray], dict, int, int]:
+    """The realistic design's routing of ``tokens`` decode steps of token ids drawn uniformly from
+    ``vocab``, computed without running a model: per layer ``tokens x top_k`` expert ids, the
+    trace meta, the number of experts and top-k."""
     from .synth import GEOMETRY
 
     hidden, _, _, experts, top_k, moe_i = GEOMETRY[preset][:6]
@@ -174,6 +167,23 @@ def design_trace(
     routes = [design.route(layer, ids, top_k, x).astype(np.uint16) for layer in range(layers)]
     expert_bytes = 3 * moe_i * hidden // 2 + 3 * moe_i * (hidden // 64) * 4  # 4-bit, bf16 s/b
     meta = {"design": preset, "seed": seed, "vocab": vocab, "expert_bytes": expert_bytes}
+    return routes, meta, experts, top_k
+
+
+def design_trace(
+    path,
+    preset: str,
+    layers: int,
+    tokens: int,
+    *,
+    seed: int = 0,
+    vocab: int = 248320,
+) -> None:
+    """Write a routing trace of the realistic design (``design_routes``); hits are not recorded
+    (all False). The model itself routes ~95 % the same (quantization, the blocks)."""
+    from ..runtime.trace import TraceWriter
+
+    routes, meta, experts, top_k = design_routes(preset, layers, tokens, seed=seed, vocab=vocab)
     miss = np.zeros((1, top_k), dtype=bool)
     with TraceWriter(path, num_layers=layers, num_experts=experts, top_k=top_k, meta=meta) as w:
         for t in range(tokens):

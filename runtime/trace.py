@@ -3,14 +3,11 @@
 A trace is what a bank policy is judged on (``flashmoe-bench policy``). The writer is called from
 the decode hot path, so ``record`` only copies the two small arrays into a buffer; every ~1 M ids
 the buffer is encoded and compressed (zstandard) as one chunk and written, so a crash loses at most
-one chunk. The format is in ``layouts/FORMAT.md`` ("Routing traces"):
-
-    file   = b"FMOETRC1" | u32 header length | header JSON | chunk*
-    chunk  = u32 compressed length | zstd frame of:
-             u32 n | n records (u16 layer, u16 k, u32 rows, u32 step) |
-             ids: per row sorted ascending, delta-coded (first id, then differences), uint16,
-                  all low bytes then all high bytes |
-             hits: one bit per id in stored order (numpy packbits, little bit order)
+one chunk. The format is in ``layouts/FORMAT.md`` ("Routing traces"); version 2 (written), per
+chunk, groups the rows by layer and relabels each layer's ids by frequency: the popular ids of a
+row are a bitmap, the others byte-coded gaps, and where consecutive rows share ids beyond
+popularity, a row stores which ids of the previous row it keeps. Version 1 (still read) stores
+each row's sorted ids delta-coded as uint16 byte planes.
 
 Ids inside a row are stored sorted (the router's order carries no meaning; hits follow their ids).
 A step is one call per layer: a new step starts when a layer id is not greater than the previous
@@ -425,21 +422,24 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
         raise TraceError("chunk shorter than its records")
     sums = np.cumsum(varint[: ends[-1] + 1] if total else varint[:0], dtype=np.int64)[ends]
     valid = np.arange(k) < ntail[:, None]
-    gaps = np.zeros((rows, k), np.int64)
+    gaps = np.zeros((rows, k), np.int32)
     gaps.T[valid.T] = np.diff(sums, prepend=0)
     pos += int(ends[-1]) + 1 if total else 0
     if len(raw) != pos + rows * ((k + 7) // 8):
         raise TraceError("chunk size does not match its records")
-    tail = np.cumsum(gaps + (np.arange(k) > 0), axis=1) + hr[:, None]
-    new = np.concatenate(
-        [np.where(head_bits, np.arange(HEAD), BIG), np.where(valid, np.minimum(tail, BIG), BIG)],
-        axis=1,
-    )
-    new.sort(axis=1)
-    ranks = new[:, :k]
+    tail = np.cumsum(gaps + (np.arange(k) > 0), axis=1, dtype=np.int32) + hr[:, None]
+    # new ranks ascending: the bitmap's (all < h), then the gaps' (>= h); BIG where kept ones go
+    ranks = np.full((rows, k), BIG, np.int32)
+    r, c = np.nonzero(head_bits)
+    nh = head_bits.sum(1)
+    ranks[r, np.arange(len(r)) - (np.cumsum(nh) - nh)[r]] = c
+    r, j = np.nonzero(valid)
+    if (nh[r] + j >= k).any():
+        raise TraceError("a row has more than top_k ids")
+    ranks[r, nh[r] + j] = np.minimum(tail[r, j], BIG)
     if loc.any():  # a row = the kept ids of its layer's previous row, and its new ids
         lay = np.flatnonzero(modes)
-        state = np.full((len(lay), k), BIG, np.int64)
+        state = np.full((len(lay), k), BIG, np.int32)
         for i in range(int(counts[lay].max())):
             act = np.flatnonzero(counts[lay] > i)
             r = starts[lay[act]] + i
@@ -448,7 +448,7 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
             state[act] = ranks[r] = both[:, :k]
     if (ranks >= e).any():
         raise TraceError("an expert id out of range")
-    ids = inv[li[:, None], ranks]
+    ids = inv.ravel()[li[:, None] * e + ranks]
     hits, _ = _bits(buf, pos, np.full(rows, k), k)
     key = ids.astype(np.uint32) * 2 + hits
     key.sort(axis=1)  # the reader's rows are in ascending id order
