@@ -250,3 +250,99 @@ def test_version1_trace_still_reads(tmp_path):
     with pytest.raises(TraceError, match=r"v3\.fmt: unsupported trace version 3") as e:
         read_trace(tmp_path / "v3.fmt")
     assert "\n" not in str(e.value)
+
+
+def _maps(payload: bytes, at: int, widths: dict[int, int]) -> tuple[dict[int, int], int]:
+    """A B-bit map section (FORMAT.md): {row: bits as an int} for rows of width ``widths[row]``."""
+    maps = dict.fromkeys(widths, 0)
+    for c in range((max(widths.values(), default=0) + 7) // 8):
+        for r in [r for r, width in widths.items() if width > 8 * c]:
+            maps[r] |= payload[at] << (8 * c)
+            at += 1
+    return maps, at
+
+
+def _read_by_the_letter(path) -> tuple[dict, set]:
+    """A second reader of version 2, written from layouts/FORMAT.md in plain Python: per layer,
+    its rows as (ids ascending, hits, step); and the layer modes seen."""
+    data = path.read_bytes()
+    (hlen,) = struct.unpack_from("<I", data, 8)
+    header = json.loads(data[12 : 12 + hlen])
+    e, k, pos, out, modes = header["num_experts"], header["top_k"], 12 + hlen, {}, set()
+    while pos < len(data):
+        (blen,) = struct.unpack_from("<I", data, pos)
+        (m,) = struct.unpack_from("<H", data, pos + 4)
+        sizes = struct.unpack_from(f"<{m}I", data, pos + 6)
+        at, payload = pos + 6 + 4 * m, b""
+        for size in sizes:
+            payload += zstandard.ZstdDecompressor().decompress(data[at : at + size])
+            at += size
+        pos += 4 + blen
+        (n,) = struct.unpack_from("<I", payload, 0)
+        layer = struct.unpack_from(f"<{n}H", payload, 4)
+        nrows = struct.unpack_from(f"<{n}I", payload, 4 + 2 * n)
+        delta = struct.unpack_from(f"<{n}I", payload, 4 + 6 * n)
+        step = [sum(delta[: i + 1]) for i in range(n)]
+        rows = [
+            (lay, s)
+            for lay in sorted(set(layer))
+            for i, (lay2, s) in enumerate(zip(layer, step, strict=True))
+            if lay2 == lay
+            for _ in range(nrows[i])
+        ]
+        at, table = 4 + 10 * n, {}
+        for lay in sorted({lay for lay, _ in rows}):
+            mode, h = payload[at], payload[at + 1]
+            head = list(struct.unpack_from(f"<{h}H", payload, at + 2))
+            table[lay] = (mode, h, head + [i for i in range(e) if i not in head])  # rank -> id
+            at += 2 + 2 * h
+
+        loc = {r: k for r, (lay, _) in enumerate(rows) if table[lay][0] == 1}
+        keep, at = _maps(payload, at, loc)
+        new, at = _maps(payload, at, {r: table[lay][1] for r, (lay, _) in enumerate(rows)})
+        modes |= {mode for mode, _, _ in table.values()}
+        tails = [
+            k - bin(keep.get(r, 0)).count("1") - bin(new[r]).count("1") for r in range(len(rows))
+        ]
+        gaps = {r: [] for r in range(len(rows))}
+        for j in range(k):
+            for r in range(len(rows)):
+                if tails[r] > j:
+                    g = 0
+                    while payload[at] == 255:
+                        g, at = g + 255, at + 1
+                    gaps[r].append(g + payload[at])
+                    at += 1
+        hits, at = _maps(payload, at, dict.fromkeys(range(len(rows)), k))
+        assert at == len(payload)
+        prev: dict[int, list[int]] = {}
+        for r, (lay, s) in enumerate(rows):
+            mode, h, rank_to_id = table[lay]
+            ranks = [x for j, x in enumerate(prev.get(lay, [])) if keep.get(r, 0) >> j & 1]
+            ranks += [i for i in range(h) if new[r] >> i & 1]
+            v = -1
+            for g in gaps[r]:
+                v += g + 1
+                ranks.append(h + v)
+            ranks = prev[lay] = sorted(ranks)
+            pairs = sorted((rank_to_id[x], bool(hits[r] >> j & 1)) for j, x in enumerate(ranks))
+            out.setdefault(lay, []).append(([i for i, _ in pairs], [b for _, b in pairs], s))
+    return out, modes
+
+
+def test_format_md_describes_version2(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    monkeypatch.setattr(trace_mod, "CHUNK_IDS", 300)
+    path = tmp_path / "t.fmt"
+    routes = {0: _sticky(rng, 120, 40, 3, 0.9, 0.0), 1: _sticky(rng, 120, 40, 3, 0.0, 3.0)}
+    with TraceWriter(path, num_layers=2, num_experts=40, top_k=3, meta={}) as w:
+        for s in range(100):
+            part = slice(0, 21) if s == 0 else slice(s + 20, s + 21)
+            for layer, r in routes.items():
+                w.record(layer, r[part], rng.random(r[part].shape) < 0.5)
+    t, (mine, modes) = read_trace(path), _read_by_the_letter(path)
+    assert modes == {0, 1}
+    for layer, lt in t.layers.items():
+        assert [r[0] for r in mine[layer]] == lt.experts.tolist()
+        assert [r[1] for r in mine[layer]] == lt.hit.tolist()
+        assert [r[2] for r in mine[layer]] == lt.step.tolist()
