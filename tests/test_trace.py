@@ -346,3 +346,20 @@ def test_format_md_describes_version2(tmp_path, monkeypatch):
         assert [r[0] for r in mine[layer]] == lt.experts.tolist()
         assert [r[1] for r in mine[layer]] == lt.hit.tolist()
         assert [r[2] for r in mine[layer]] == lt.step.tolist()
+
+
+def test_tracesize_bounds_and_locality():
+    """bench.tracesize's entropy bounds: uniform top-4 of 64 carries log2 C(64, 4) bits; a kept
+    share of 0.5 shows only in the bound given the previous token."""
+    import math
+
+    from flashmoe.bench.tracesize import entropy_bounds, sticky_routes
+
+    rng = np.random.default_rng(6)
+    uniform, sticky = (sticky_routes(rng, 8000, 64, 4, keep, 1)[0] for keep in (0.0, 0.5))
+    marginal, count, previous = entropy_bounds(uniform, 64)
+    assert abs(count - math.log2(math.comb(64, 4))) < 0.3 and previous <= count < marginal
+    shared = np.mean([len(set(a) & set(b)) for a, b in zip(sticky[1:], sticky[:-1], strict=True)])
+    assert 0.45 < shared / 4 < 0.6
+    _, count, previous = entropy_bounds(sticky, 64)
+    assert previous < count - 4  # keep masks: ~4 x H(0.5) bits instead of ~2 ids of 64
