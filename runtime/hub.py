@@ -8,6 +8,10 @@ listed file's size, mtime, ctime and inode is cached, so later runs do not re-ha
 any change re-verifies. ctime cannot be set back from user space, so bytes rewritten in place with
 the mtime restored still count as a change; the copied files (config, tokenizer, chat template) are
 re-hashed on every use anyway (they are small).
+
+A rank of a pipelined run pulls part of a layout (``layers``): the index, the dense file (one file,
+which every rank needs: its shared weights and its own layers' dense tensors are in it), the copied
+files and the layer files of its own MoE layers, verified the same way under a marker of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..cli import command
@@ -31,6 +37,7 @@ from ..hubio import (
 from ..layouts import (
     CODE_PATTERNS,
     INDEX_FILE,
+    Index,
     LayoutError,
     cache_snapshot,
     listed_files,
@@ -69,12 +76,14 @@ def pull(
     token: str | None = None,
     verify: bool = True,
     progress: bool = True,
+    layers: Collection[int] | None = None,
 ) -> Path:
     """Download the layout ``repo_id`` (at ``revision``) and return its local directory.
 
     Into the Hugging Face cache by default, or into ``local_dir``: the index, then only the files
-    it lists. With ``verify`` the layout is checked against its index (sizes and checksums)
-    unless a previous run already verified this exact snapshot. Raises HubError / LayoutError
+    it lists (with ``layers``, only the layer files of those MoE layers: a rank's part). With
+    ``verify`` what was pulled is checked against the index (sizes and checksums) unless a
+    previous run already verified this exact snapshot (or part). Raises HubError / LayoutError
     with a one-line message.
     """
     check_repo_id(repo_id)
@@ -87,12 +96,23 @@ def pull(
             raise HubError(f"{repo_id}: {INDEX_FILE} lists {f.name} without a sha256")
     snapshot = cache_snapshot(root)
     commit = snapshot.commit if snapshot else revision  # the index's commit
-    _download(repo_id, commit, local_dir, token, progress, listed_files(index))
+    _download(repo_id, commit, local_dir, token, progress, _part(index, layers))
     if verify:
-        verify_once(root, progress=progress)
+        verify_once(root, progress=progress, layers=layers)
     else:
         read_index(root)
     return root
+
+
+def _part(index: Index, layers: Collection[int] | None) -> list[str]:
+    """The files a reader of ``layers`` (None: all) needs, in ``listed_files`` order."""
+    if layers is None:
+        return listed_files(index)
+    unknown = set(layers) - {e.layer for e in index.layers}
+    if unknown:
+        raise LayoutError(f"{INDEX_FILE}: lists no MoE layer {min(unknown)}")
+    skipped = {e.file for e in index.layers if e.layer not in layers}
+    return [name for name in listed_files(index) if name not in skipped]
 
 
 def _pull_error(e: Exception, repo_id: str, revision: str | None) -> str:
@@ -109,18 +129,22 @@ def _pull_error(e: Exception, repo_id: str, revision: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- verification marker
-def _marker_path(root: Path) -> Path:
+def _marker_path(root: Path, layers: Collection[int] | None = None) -> Path:
+    part = ""
+    if layers is not None:  # a rank's part: its own marker, named by its layers
+        part = "-layers-" + hashlib.sha256(repr(sorted(set(layers))).encode()).hexdigest()[:16]
     snapshot = cache_snapshot(root)
     if snapshot is not None:
-        return snapshot.repo_dir / ".flashmoe" / f"verified-{snapshot.commit}.json"
-    return Path(os.path.realpath(root)) / ".cache" / "flashmoe" / "verified.json"
+        return snapshot.repo_dir / ".flashmoe" / f"verified-{snapshot.commit}{part}.json"
+    return Path(os.path.realpath(root)) / ".cache" / "flashmoe" / f"verified{part}.json"
 
 
-def _fingerprint(root: Path) -> dict:
-    """Commit, index digest and (size, mtime, ctime, inode) of every file the index names."""
+def _fingerprint(root: Path, layers: Collection[int] | None = None) -> dict:
+    """Commit, index digest and (size, mtime, ctime, inode) of every file the index names (with
+    ``layers``, of those a reader of these MoE layers needs)."""
     index = read_index(root)  # also confines every name to the layout (safe_relative_path)
     files = {}
-    for name in listed_files(index)[1:]:
+    for name in _part(index, layers)[1:]:
         try:
             st = os.stat(root / name)
         except FileNotFoundError:
@@ -135,17 +159,19 @@ def _fingerprint(root: Path) -> dict:
     }
 
 
-def is_verified(root: str | os.PathLike) -> bool:
-    """Whether this exact snapshot already passed a full verification, unchanged since (and its
-    copied files, re-hashed now, still match the index)."""
+def is_verified(root: str | os.PathLike, layers: Collection[int] | None = None) -> bool:
+    """Whether this exact snapshot (the part of ``layers``) already passed a full verification,
+    unchanged since (and its copied files, re-hashed now, still match the index)."""
     from ..verify import check_copied_files
 
     root = Path(root)
+    if layers is not None and is_verified(root):  # the whole layout, pulled and verified before
+        return True
     try:
-        marker = json.loads(_marker_path(root).read_text())
+        marker = json.loads(_marker_path(root, layers).read_text())
     except (OSError, ValueError):
         return False
-    current = _fingerprint(root)
+    current = _fingerprint(root, layers)
     if not current or marker != current:
         return False
     try:
@@ -155,20 +181,45 @@ def is_verified(root: str | os.PathLike) -> bool:
     return True
 
 
-def verify_once(root: str | os.PathLike, *, progress: bool = False) -> None:
-    """Verify the layout at ``root`` (sizes and checksums) unless already verified as it is now."""
+def verify_once(
+    root: str | os.PathLike, *, progress: bool = False, layers: Collection[int] | None = None
+) -> None:
+    """Verify the layout at ``root`` (sizes and checksums; with ``layers``, the part a reader of
+    those MoE layers needs) unless already verified as it is now."""
     from ..verify import verify_layout
 
     root = Path(root)
-    if is_verified(root):
+    if is_verified(root, layers):
         return
-    verify_layout(root, checksums=True, progress=progress)
-    marker = _marker_path(root)
+    if layers is None:
+        verify_layout(root, checksums=True, progress=progress)
+    else:
+        _verify_part(root, layers)
+    marker = _marker_path(root, layers)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, json.dumps(_fingerprint(root)))
+        atomic_write(marker, json.dumps(_fingerprint(root, layers)))
     except OSError:
         pass  # read-only cache: verify again next time
+
+
+def _verify_part(root: Path, layers: Collection[int]) -> None:
+    """``verify_layout`` (its checks, lowest bad layer first) on the dense file, the copied files
+    and the layer files of ``layers`` only."""
+    from ..verify import _check_file, _check_layer
+
+    index = read_index(root)
+    jobs = [(_check_layer, (root, index, e)) for e in index.layers if e.layer in layers]
+    jobs += [(_check_file, (root, f.name, f.size, f.sha256)) for f in [index.dense, *index.files]]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fn, *args, True, lambda n: None) for fn, args in jobs]
+        try:
+            for fut in futures:
+                fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -96,6 +96,26 @@ def resolve_model_path(path_or_repo: str, **pull_options) -> Path:
     raise LayoutError(f"{path_or_repo}: no such layout directory")
 
 
+def _hub_repo(path_or_repo: str) -> str | None:
+    """``path_or_repo`` when ``resolve_model_path`` would pull it from the Hub, else None."""
+    if Path(path_or_repo).expanduser().exists() or not is_repo_id(path_or_repo):
+        return None
+    return path_or_repo
+
+
+def _pull_stage(repo: str, root: Path, revision: str | None, stage, progress: bool) -> None:
+    """Pull (and verify) the layer files of this rank's MoE layers into the snapshot ``root``
+    (which holds the rest of the layout already), pinned to its commit."""
+    from ..layouts import cache_snapshot
+    from .hub import pull
+
+    snapshot = cache_snapshot(root)
+    commit = snapshot.commit if snapshot else revision
+    pulled = pull(repo, revision=commit, layers=stage.moe_layers, progress=progress)
+    if os.path.realpath(pulled) != os.path.realpath(root):  # the index moved meanwhile
+        raise LayoutError(f"{repo}: changed on the Hub while loading ({root} -> {pulled})")
+
+
 def _reserve_std_fds() -> None:
     """Open /dev/null on closed stdin/stdout/stderr: a file opened later must not get fd 0 (MLX's
     safetensors loader takes fd 0 for a failed open)."""
@@ -385,9 +405,18 @@ def load(
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
     group = world(group)
+    # Under a group each rank pulls only its part of a Hub layout: the index, the dense and the
+    # copied files first (enough to plan the stages), then its own layer files.
+    repo = _hub_repo(path_or_repo) if group is not None else None
+    progress = group is None or group.rank() == 0
 
     def open_layout() -> tuple[Path, Index]:
-        root = resolve_model_path(path_or_repo, revision=revision)
+        if repo is not None:  # verified with the layer files, before any weight is read
+            from .hub import pull
+
+            root = pull(repo, revision=revision, verify=False, layers=(), progress=progress)
+        else:
+            root = resolve_model_path(path_or_repo, revision=revision)
         index = read_index(root)
         _check_config_file(root, index)
         if verify:  # the dense weights and copied files too, not only each expert read
@@ -397,6 +426,8 @@ def load(
         return root, index
 
     def load_here(root: Path, index: Index, plan: Plan | None):
+        if repo is not None:
+            _pull_stage(repo, root, revision, plan.stages[group.rank()], progress)
         return _load_stage(
             root,
             index,
