@@ -25,9 +25,11 @@ import mlx_lm
 import numpy as np
 import pytest
 from flashmoe.bench.cli import main as bench_main
+from flashmoe.convert.hub import publish
 from flashmoe.layouts import LayoutError, read_index
 from flashmoe.runtime import load
 from flashmoe.runtime.cli import main as run_main
+from flashmoe.runtime.hub import is_verified, verify_once
 from flashmoe.runtime.pipeline import balanced_ranges, plan_stages
 from flashmoe.runtime.trace import read_trace
 from mlx_lm.utils import load_tokenizer
@@ -118,21 +120,31 @@ def test_stages_balanced_by_bytes(layout):
         plan_stages(out, index, 5)
 
 
-def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
+def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, hub, tmp_path):
+    """The ranks run the layout published on the Hub (emulator): each pulls only its part."""
     src, out = layout("qwen3_5_moe")
-    ref_model, tokenizer = mlx_lm.load(str(src))
-    prompt = _prompt(tokenizer)
-    ref_logits = np.array(ref_model(mx.array(prompt)[None]).astype(mx.float32))
-    ref_tokens = [r.token for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, TOKENS)]
+    local = tmp_path / "published"
+    shutil.copytree(out, local)  # publish writes the model card into it
+    publish(local, "org/tiny", progress=False, out=open(os.devnull, "w"))
     index = read_index(out)
     top_k, experts = index.top_k, index.num_experts
     # min, 25 % (the same 4 of this model's 16), 50 %, 100 %: one launch checks them all
     banks = sorted({top_k, max(top_k, experts // 4), experts // 2, experts})
-
+    prompt = _prompt(load_tokenizer(src))
     base = tmp_path / "out"
-    argv = [sys.executable, str(RANK_SCRIPT), str(out), str(base), json.dumps(prompt), str(TOKENS)]
-    procs = _start([argv + [str(b) for b in banks]] * 2, _hostfile(tmp_path, 2))
-    results = _finish(procs)
+    homes = [tmp_path / f"home{r}" for r in range(2)]  # each rank its own machine's cache
+    argvs = [
+        ["env", f"HF_HOME={h}", f"HF_HUB_CACHE={h / 'hub'}", sys.executable, str(RANK_SCRIPT)]
+        + ["org/tiny", str(base), json.dumps(prompt), str(TOKENS), *map(str, banks)]
+        for h in homes
+    ]
+    procs = _start(argvs, _hostfile(tmp_path, 2))
+    try:  # while the ranks run: stock mlx-lm
+        ref_model, tokenizer = mlx_lm.load(str(src))
+        ref_logits = np.array(ref_model(mx.array(prompt)[None]).astype(mx.float32))
+        ref_tokens = [r.token for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, TOKENS)]
+    finally:
+        results = _finish(procs)
     assert [code for code, _, _ in results] == [0, 0], "\n".join(err for _, _, err in results)
 
     # one process, the smallest bank: the same numbers, and the same expert reads in all
@@ -154,6 +166,27 @@ def test_two_ranks_bit_identical_to_one_process_and_mlx_lm(layout, tmp_path):
         assert figures[0][str(bank)]["layer_files"] == figures[1][str(bank)]["layer_files"] == 2
     assert np.array_equal(single_logits, ref_logits) and single_tokens == ref_tokens
     assert sum(f[str(banks[0])]["misses"] for f in figures) == single_misses
+    _assert_pulled_parts(hub, index, homes)
+
+
+def _assert_pulled_parts(hub, index, homes: list[Path]) -> None:
+    """Each rank's cache holds its own layer files only (and each was served once, to it), its
+    part passed the checksum verification; the dense file is one file, which every rank needs."""
+    for home, own in zip(homes, ([2, 3], [0, 1]), strict=True):
+        (snapshot,) = (home / "hub" / "models--org--tiny" / "snapshots").iterdir()
+        layer_files = sorted(p.name for p in (snapshot / "experts").iterdir())
+        assert layer_files == [f"layer-{n:03d}.bin" for n in own], home
+        assert is_verified(snapshot, own) and not is_verified(snapshot)
+    for entry in index.layers:
+        assert hub.bytes_served[entry.file] == entry.size, entry.file
+    assert hub.bytes_served[index.dense.name] == 2 * index.dense.size
+    # a damaged byte of a rank's part is found again
+    blob = os.path.realpath(snapshot / index.layer(0).file)
+    with open(blob, "r+b") as f:
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    assert not is_verified(snapshot, [0, 1])
+    with pytest.raises(LayoutError, match="layer 0 expert 0: sha256 mismatch"):
+        verify_once(snapshot, layers=[0, 1])
 
 
 def test_flashmoe_run_under_mlx_launch_three_ranks(layout, tmp_path):
@@ -350,60 +383,3 @@ def test_flashmoe_serve_stops_when_a_rank_dies(layout, tmp_path):
         "flashmoe-serve: error: lost the connection to another rank (it exited, or its host is "
         "unreachable)"
     ], err0
-
-
-def test_ranks_pull_only_their_part_of_a_hub_layout(hub, layout, tmp_path):
-    from flashmoe.convert.hub import publish
-    from flashmoe.layouts import cache_snapshot
-
-    src, out = layout("qwen3_5_moe")
-    local = tmp_path / "published"
-    shutil.copytree(out, local)  # publish writes the model card into it
-    publish(local, "org/tiny", progress=False, out=open(os.devnull, "w"))
-    index = read_index(local)
-    served_before = dict(hub.bytes_served)
-
-    tokenizer = load_tokenizer(src)
-    prompt = _prompt(tokenizer)
-    base = tmp_path / "out"
-    homes = [tmp_path / f"home{r}" for r in range(2)]  # each rank its own machine's cache
-    argvs = [
-        ["env", f"HF_HOME={h}", f"HF_HUB_CACHE={h / 'hub'}", sys.executable, str(RANK_SCRIPT)]
-        + ["org/tiny", str(base), json.dumps(prompt), "8", str(index.top_k)]
-        for h in homes
-    ]
-    env = {k: v for k, v in hub.env.items() if k.startswith("HF_") and "HOME" not in k}
-    procs = _start(argvs, _hostfile(tmp_path, 2), **env)
-    try:  # while the ranks run: one process, the local layout
-        model, _ = load(str(out), bank_experts=index.top_k)
-        single_logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
-        single_tokens = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, 8)]
-        model.flashmoe.close()
-    finally:
-        results = _finish(procs)
-    assert [code for code, _, _ in results] == [0, 0], "\n".join(err for _, _, err in results)
-    for r, own in enumerate(([2, 3], [0, 1])):
-        got = np.load(f"{base}.rank{r}.npz")
-        assert np.array_equal(got[f"logits{index.top_k}"], single_logits), r
-        assert got[f"tokens{index.top_k}"].tolist() == single_tokens, r
-        (snapshot,) = (homes[r] / "hub" / "models--org--tiny" / "snapshots").iterdir()
-        assert cache_snapshot(snapshot) is not None
-        layer_files = sorted(p.name for p in (snapshot / "experts").iterdir())
-        assert layer_files == [f"layer-{n:03d}.bin" for n in own], r
-        markers = list((snapshot.parent.parent / ".flashmoe").glob("verified-*-layers-*.json"))
-        assert len(markers) == 1, r  # its part passed the checksum verification
-    served = {p: n - served_before.get(p, 0) for p, n in hub.bytes_served.items()}
-    for entry in index.layers:  # each layer file once, to the one rank that runs it
-        assert served[entry.file] == entry.size, entry.file
-    assert served[index.dense.name] == 2 * index.dense.size  # one file: every rank needs it
-    # rank 1's part is verified under its own marker; a damaged byte of it is found again
-    from flashmoe.runtime.hub import is_verified, verify_once
-
-    snapshot = next((homes[1] / "hub" / "models--org--tiny" / "snapshots").iterdir())
-    assert is_verified(snapshot, [0, 1]) and not is_verified(snapshot)
-    blob = os.path.realpath(snapshot / index.layer(0).file)
-    with open(blob, "r+b") as f:
-        f.write(bytes([f.read(1)[0] ^ 1]))
-    assert not is_verified(snapshot, [0, 1])
-    with pytest.raises(LayoutError, match="layer 0 expert 0: sha256 mismatch"):
-        verify_once(snapshot, layers=[0, 1])
