@@ -5,6 +5,14 @@ itself loads with ``mlx_lm.load`` and keeps no message history, so its loop is n
 conversation is kept as messages and rendered with the chat template each turn; the KV cache is
 reused for the prefix the new rendering shares with the tokens already in it (cut back to it when
 the cache can be trimmed; a linear-attention cache that cannot be is rebuilt when they diverge).
+
+Under ``mlx.launch`` the model is split across the ranks (``load``) and every rank runs the same
+session: rank 0 reads the terminal and prints, and shares each line (an event) with the others,
+which answer it with output to nowhere; while the user types, rank 0 shares an idle event every
+second, so the watchdog (``group.py``) still sees a rank that vanished. A Ctrl-C stops an answer
+at the same token on every rank: each step's sampler adds up the ranks' Ctrl-C flags
+(``mx.distributed.all_sum``, in the step's graph, ordered with the pipeline's own transfers) and
+ends the answer (an end-of-sequence token, not printed) when any is set.
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -116,11 +127,13 @@ class TurnStats:
 class ChatSession:
     """Messages, the KV cache over their tokens, and per-turn statistics."""
 
-    def __init__(self, model, tokenizer, args: argparse.Namespace):
+    def __init__(self, model, tokenizer, args: argparse.Namespace, group=None):
         from mlx_lm.sample_utils import make_sampler
 
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.sampler = make_sampler(args.temp, args.top_p, min_p=args.min_p)
+        self.group = group  # the ranks of a pipelined model, else None
+        self.interrupted = False  # across ranks: a Ctrl-C seen on this rank (see run_ranks)
         self.last: TurnStats | None = None
         self.total = TurnStats()
         self.reset()
@@ -174,13 +187,14 @@ class ChatSession:
         stats, answer, generated = TurnStats(prompt_tokens=len(rest)), [], []
         start = decode_start = time.perf_counter()
         interrupted = False
+        sampler, stops = self._sampler()
         try:
             for r in stream_generate(
                 self.model,
                 self.tokenizer,
                 rest,
                 max_tokens=self.args.max_tokens,
-                sampler=self.sampler,
+                sampler=sampler,
                 prompt_cache=self.cache,
             ):
                 generated.append(r.token)
@@ -200,6 +214,8 @@ class ChatSession:
             raise
         finally:
             printer.close()
+        if stops is not None and len(stops) > len(generated):  # the token that ended it
+            interrupted = stops[len(generated)].item() > 0
         if interrupted:
             out.write(f"\n{style}[interrupted]{RESET if style else ''}")
             self.cache, self.cached = None, []  # a cache stopped mid-step is not trusted
@@ -216,6 +232,27 @@ class ChatSession:
         stats.bytes_read = store.bytes_read - before[2]
         self._account(stats)
         return stats
+
+    def _sampler(self):
+        """The sampler, and across ranks the list its steps append their summed Ctrl-C flags
+        to (None in one process, where a Ctrl-C raises KeyboardInterrupt)."""
+        if self.group is None:
+            return self.sampler, None
+        import mlx.core as mx
+
+        eos_ids = sorted(self.tokenizer.eos_token_ids)
+        if not eos_ids:
+            raise ValueError("the tokenizer has no end-of-sequence token to stop an answer with")
+        stops: list = []
+
+        def sample(logprobs):
+            token = self.sampler(logprobs)
+            flag = mx.array(int(self.interrupted), dtype=mx.int32)
+            stop = mx.distributed.all_sum(flag, group=self.group)
+            stops.append(stop)
+            return mx.where(stop > 0, mx.array(eos_ids[0], dtype=token.dtype), token)
+
+        return sample, stops
 
     def _reuse(self, full: list[int]) -> list[int] | None:
         """The tokens of ``full`` still to prefill on the current KV cache, or None to rebuild it.
@@ -261,11 +298,17 @@ class ChatSession:
         if self.last is None:
             return ["no answer yet"]
         rt = self.model.flashmoe
+        layers = f"{len(rt.index.layers)} MoE layers"
+        if rt.plan is not None:  # the store's figures are this rank's
+            stage = rt.plan.stages[rt.rank]
+            layers = (
+                f"{len(stage.moe_layers)} of {len(rt.index.layers)} MoE layers (rank "
+                f"{rt.rank}'s, layers {stage.start}-{stage.stop - 1}: the figures above are its)"
+            )
         return [
             self.last.line("last answer"),
             self.total.line("session"),
-            f"bank: {rt.slots} of {rt.index.num_experts} experts per layer, "
-            f"{len(rt.index.layers)} MoE layers",
+            f"bank: {rt.slots} of {rt.index.num_experts} experts per layer, {layers}",
         ]
 
 
@@ -307,10 +350,52 @@ def _read(prompt: str) -> str | None:
         return line
 
 
-def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
-    style = GREY if color else ""
+def _local(session: ChatSession, text: str, out) -> bool:
+    """Handle a line that only prints (a command, or nothing); False for one that changes the
+    session (a message, /reset, /quit)."""
+    if not text:
+        return True
+    if text == "/stats":
+        for s in session.stats_lines():
+            print(s, file=out, flush=True)
+    elif text in ("/help", "/?"):
+        print(HELP, file=out, flush=True)
+    elif text.startswith("/") and " " not in text and text not in ("/quit", "/exit", "/reset"):
+        print(f"unknown command {text}; {HELP}", file=out, flush=True)
+    else:
+        return False
+    return True
+
+
+def _apply(session: ChatSession, text: str, out, style: str) -> bool:
+    """Apply a line that changes the session; False when it ends the chat."""
+    if text in ("/quit", "/exit"):
+        return False
+    if text == "/reset":
+        session.reset()
+        print("(new conversation)", file=out, flush=True)
+        return True
+    try:
+        session.reply(text, out, style)
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug: the wrapper reports it (FLASHMOE_DEBUG=1 for the traceback)
+        print(
+            f"{PROG}: error: {error_line(e)} (that turn was dropped; the conversation is kept)",
+            file=out,
+            flush=True,
+        )
+    return True
+
+
+def _reconfigure_stdin() -> None:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes reach _read, not a traceback
+
+
+def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
+    style = GREY if color else ""
+    _reconfigure_stdin()
     print(HELP, file=out, flush=True)
     while True:
         line = _read("> ")
@@ -318,32 +403,91 @@ def run(session: ChatSession, out=sys.stdout, color: bool = True) -> int:
             out.write("\n")
             return 0
         text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
+        if not _local(session, text, out) and not _apply(session, text, out, style):
             return 0
-        if text == "/reset":
-            session.reset()
-            print("(new conversation)", file=out, flush=True)
-        elif text == "/stats":
-            for s in session.stats_lines():
-                print(s, file=out, flush=True)
-        elif text in ("/help", "/?"):
-            print(HELP, file=out, flush=True)
-        elif text.startswith("/") and " " not in text:
-            print(f"unknown command {text}; {HELP}", file=out, flush=True)
-        else:
+
+
+# ----------------------------------------------------------------------------- across ranks
+IDLE_EVENT_S = 1.0  # while the user types, rank 0 shares an idle event this often
+
+
+class _Lines:
+    """Rank 0's terminal: a thread reads lines (``input``, with readline) one at a time, each
+    after the previous one was handled, so the main thread can share idle events meanwhile."""
+
+    def __init__(self):
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._handled = threading.Event()
+        self._handled.set()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            self._handled.wait()
+            self._handled.clear()
+            line = _read("> ")
+            self._lines.put(line)
+            if line is None:
+                return
+
+    def next_event(self, session: ChatSession, out) -> str:
+        """The next line that changes the session ("/quit" at the end of input), or "" after
+        ``IDLE_EVENT_S`` without one; lines that only print are handled here."""
+        deadline = time.monotonic() + IDLE_EVENT_S
+        while True:
+            if session.interrupted:  # a Ctrl-C at the prompt, as in one process
+                session.interrupted = False
+                print("\n(Ctrl-D or /quit to leave)", file=out, flush=True)
             try:
-                session.reply(text, out, style)
-            except Exception as e:
-                if not is_user_error(e):
-                    raise  # a bug: the wrapper reports it (FLASHMOE_DEBUG=1 for the traceback)
-                print(
-                    f"{PROG}: error: {error_line(e)} (that turn was dropped; the conversation "
-                    "is kept)",
-                    file=out,
-                    flush=True,
-                )
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return ""
+            if line is None:
+                out.write("\n")
+                return "/quit"
+            text = line.strip()
+            if not _local(session, text, out):
+                return text
+            self.handled()
+
+    def handled(self) -> None:
+        self._handled.set()
+
+
+def run_ranks(session: ChatSession, group, out=sys.stdout, color: bool = True) -> int:
+    """The chat on every rank of ``group``: rank 0 reads and prints, the others follow; ends
+    on every rank at the end of rank 0's input or its /quit."""
+    from .group import gather_bytes, waiting
+
+    rank = group.rank()
+    style = GREY if color else ""
+    stats = session.model.flashmoe.store.stats
+
+    def on_sigint(signum, frame) -> None:  # every rank gets a terminal's Ctrl-C
+        session.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        lines = None
+        if rank == 0:
+            _reconfigure_stdin()
+            print(HELP, file=out, flush=True)
+            lines = _Lines()
+        while True:
+            mine = lines.next_event(session, out) if lines is not None else ""
+            (text,) = gather_bytes(group, mine.encode(), "waiting for rank 0's next line")[:1]
+            text = text.decode()
+            if not text:
+                continue
+            session.interrupted = False  # a Ctrl-C before this line is not for its answer
+            with waiting("answering", rank=rank, progress=lambda: stats.calls):
+                if not _apply(session, text, out, style):
+                    return 0
+            session.interrupted = False  # the Ctrl-C that stopped it, if any, is spent
+            if lines is not None:
+                lines.handled()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @command(PROG)
@@ -352,24 +496,67 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
-    from .group import one_process_only
+    from .group import world
     from .loader import load
 
-    one_process_only(PROG)
-
-    model, tokenizer = load(args.model, **load_options(args), quiet=False)
+    group = world()
+    model, tokenizer = load(args.model, **load_options(args), quiet=False, group=group)
+    if group is not None:
+        return _chat_ranks(args, model, tokenizer, group)
     if args.seed is not None:
         import mlx.core as mx
 
         mx.random.seed(args.seed)
     session = ChatSession(model, tokenizer, args)
+    _line_editing()
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(f"{PROG}: {args.model}", flush=True)
+    return run(session, color=color)
+
+
+def _line_editing() -> None:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    print(f"{PROG}: {args.model}", flush=True)
-    return run(session, color=color)
+
+
+def _chat_ranks(args: argparse.Namespace, model, tokenizer, group) -> int:
+    """``main`` under ``mlx.launch``: the same options and seed on every rank, then
+    ``run_ranks``; rank 0's --trace gathers every rank's layers at the end."""
+    import mlx.core as mx
+
+    from .group import agree, barrier, reporting, shared_seed
+
+    rank = group.rank()
+    finished = False
+    try:
+        with reporting(group):
+            same = (args.system_prompt, args.temp, args.top_p, args.min_p, args.max_tokens)
+            agree(
+                group,
+                lambda: None,
+                identity=lambda _: repr([*same, args.chat_template_args]).encode(),
+                what="comparing the chat options",
+                differs="chat configuration",
+                compared="generation options, ",
+            )
+            mx.random.seed(shared_seed(group, args.seed))  # every rank samples the same
+            if rank == 0:
+                session = ChatSession(model, tokenizer, args, group)
+                _line_editing()
+                color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+                print(f"{PROG}: {args.model} ({group.size()} ranks)", flush=True)
+                code = run_ranks(session, group, color=color)
+            else:
+                with open(os.devnull, "w") as null:
+                    session = ChatSession(model, tokenizer, args, group)
+                    code = run_ranks(session, group, out=null, color=False)
+            barrier(group, "finishing")
+            finished = True
+    finally:
+        model.flashmoe.close(gather=finished)
+    return code
 
 
 if __name__ == "__main__":

@@ -62,17 +62,6 @@ def world(group: mx.distributed.Group | None = None) -> mx.distributed.Group | N
     return group
 
 
-def one_process_only(prog: str) -> None:
-    """Stop every rank (one line from rank 0) when ``mlx.launch`` started ``prog`` on several:
-    it does not run across ranks."""
-    group = world()
-    if group is not None:
-        raise RankError(
-            f"{prog} runs in one process; across ranks, use flashmoe-run or flashmoe-serve",
-            silent=group.rank() != 0,
-        )
-
-
 def timeout_s() -> float:
     """Seconds a rank waits for the others without progress (``FLASHMOE_RANK_TIMEOUT``)."""
     raw = os.environ.get(TIMEOUT_ENV)

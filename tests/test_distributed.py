@@ -57,8 +57,9 @@ def _hostfile(tmp_path: Path, ranks: int) -> Path:
     return path
 
 
-def _start(argvs: list[list[str]], hostfile: Path, **env) -> list[subprocess.Popen]:
-    """One process per rank (``argvs[r]`` for rank r), as mlx.launch starts them."""
+def _start(argvs: list[list[str]], hostfile: Path, *, stdin0=None, **env) -> list[subprocess.Popen]:
+    """One process per rank (``argvs[r]`` for rank r), as mlx.launch starts them; ``stdin0``:
+    rank 0's standard input."""
     from test_cli import default_sigint
 
     procs = []
@@ -68,6 +69,7 @@ def _start(argvs: list[list[str]], hostfile: Path, **env) -> list[subprocess.Pop
             subprocess.Popen(
                 argv,
                 env=e,
+                stdin=stdin0 if rank == 0 else None,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 preexec_fn=default_sigint,  # a Ctrl-C reaches them
@@ -383,3 +385,39 @@ def test_flashmoe_serve_stops_when_a_rank_dies(layout, tmp_path):
         "flashmoe-serve: error: lost the connection to another rank (it exited, or its host is "
         "unreachable)"
     ], err0
+
+
+def test_flashmoe_chat_across_two_ranks(layout, tmp_path):
+    src, out = layout("qwen3_5_moe")
+    argv = [sys.executable, "-m", "flashmoe.runtime.chat", str(out), "--max-tokens", "4000"]
+    argv += ["--bank-experts", "6"]
+    hostfile = _hostfile(tmp_path, 2)
+    procs = _start([argv] * 2, hostfile, stdin0=subprocess.PIPE, NO_COLOR="1")
+    chat, said = procs[0], b""
+    try:
+        chat.stdin.write(b"Tell me a long story\n")
+        chat.stdin.flush()
+        ref_model, tokenizer = mlx_lm.load(str(src))  # meanwhile: what stock mlx-lm answers
+        messages = [{"role": "user", "content": "Tell me a long story"}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ref = "".join(r.text for r in mlx_lm.stream_generate(ref_model, tokenizer, prompt, 100))
+        while b"> " not in said or len(said.split(b"> ", 1)[1]) < 4:  # the answer streams
+            assert select.select([chat.stdout], [], [], TIMEOUT_S)[0], said
+            said += os.read(chat.stdout.fileno(), 65536)
+        # a terminal's Ctrl-C reaches every rank; one reaching the other rank alone is enough
+        procs[1].send_signal(signal.SIGINT)
+        chat.stdin.write(b"/reset\n")  # read once the answer stopped; then the end of input
+        chat.stdin.close()
+        chat.stdin = None
+        results = _finish(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [code for code, _, _ in results] == [0, 0], results
+    text = (said + results[0][1].encode()).decode(errors="surrogateescape")
+    answer, rest = text.split("> ", 1)[1].split("\n[interrupted]\n", 1)
+    assert 4 <= len(answer) < len(ref) and ref.startswith(answer)  # every rank stopped there
+    assert rest == "> (new conversation)\n> \n"
+    assert results[1][1] == results[1][2] == ""  # the other rank follows silently
