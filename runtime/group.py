@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
+import select
 import subprocess
 import sys
 import threading
@@ -36,6 +38,7 @@ _LOST = "connection to a peer was lost"  # MLX's ring backend, when a peer's soc
 # an evaluation waiting on one of them may never return (seen with mlx-lm's asynchronous step).
 _LOST_MARKERS = (b"was closed by the peer", b"Too many send/recv errors")
 _LOST_GRACE_S = 3.0  # time for the error to surface on its own before the watchdog steps in
+_PARTIAL_HOLD_S = 0.2  # an unterminated line waits this long for its rest (a ring message's)
 
 
 class RankError(RuntimeError):
@@ -338,7 +341,8 @@ def say(line: str) -> None:
 def _filter_ring_messages() -> None:
     """Drop libmlx's ``[ring] ...`` lines from stderr (kept with ``MLX_RING_VERBOSE``): when a
     peer goes away it prints a dozen ("Socket N was closed by the peer", ...) before the error,
-    which we report in one line; they also tell the watchdog. Everything else passes unchanged."""
+    which we report in one line; they also tell the watchdog. Everything else passes unchanged
+    (a line without its newline yet, after at most ``_PARTIAL_HOLD_S``)."""
     global _real_stderr
     if _real_stderr is not None:
         return
@@ -359,17 +363,49 @@ def _filter_ring_messages() -> None:
     atexit.register(restore)
 
 
+# libmlx writes its ring messages a piece at a time ("[ring] Socket ", "4", " was closed by the
+# peer", newline), so two threads' messages interleave, and a line of ours can land inside one.
+_RING_PIECES = re.compile(
+    rb"\[ring\] ?(?:Socket ?\d*|Too many send/recv errors\. Failing pending tasks\.\.\.)"
+    rb"|\d* ?was closed by the peer"
+)
+
+
+def _unring(line: bytes) -> bytes | None:
+    """``line`` without libmlx's ring messages; None when nothing else is left."""
+    if not line:
+        return line
+    rest = _RING_PIECES.sub(b"", line)
+    if rest.lstrip().startswith(b"[ring]"):  # another ring message, whole
+        return None
+    if rest == line:
+        return line
+    return rest.strip(b" ") or None
+
+
 def _pump(read: int, out: int, keep: bool) -> None:
-    tag = b"[ring]"
     pending = b""
-    while chunk := os.read(read, 65536):
+
+    def ours(line: bytes) -> bytes | None:
+        return line if keep else _unring(line)
+
+    while True:
+        if pending and not select.select([read], [], [], _PARTIAL_HOLD_S)[0]:
+            part = ours(pending)  # a partial line (a prompt, a progress bar): now
+            if part:
+                os.write(out, part)
+            pending = b""
+            continue
+        chunk = os.read(read, 65536)
+        if not chunk:
+            break
         *lines, pending = (pending + chunk).split(b"\n")
-        if any(line.startswith(tag) and any(m in line for m in _LOST_MARKERS) for line in lines):
+        if any(m in line for line in lines for m in _LOST_MARKERS):
             _watchdog.peer_lost()
-        text = b"".join(line + b"\n" for line in lines if keep or not line.startswith(tag))
-        if pending and not tag.startswith(pending[: len(tag)]):
-            text, pending = text + pending, b""  # a partial line that cannot be ours: now
+        kept = (ours(line) for line in lines)
+        text = b"".join(line + b"\n" for line in kept if line is not None)
         if text:
             os.write(out, text)
-    if pending and (keep or not pending.startswith(tag)):
-        os.write(out, pending)
+    part = ours(pending) if pending else None
+    if part:
+        os.write(out, part)

@@ -421,3 +421,19 @@ def test_flashmoe_chat_across_two_ranks(layout, tmp_path):
     assert 4 <= len(answer) < len(ref) and ref.startswith(answer)  # every rank stopped there
     assert rest == "> (new conversation)\n> \n"
     assert results[1][1] == results[1][2] == ""  # the other rank follows silently
+
+
+def test_ring_messages_are_dropped_even_interleaved():
+    from flashmoe.runtime.group import _unring
+
+    # seen on stderr when a peer died: libmlx's pieces from two threads, and our line in one
+    for line in [
+        b"[ring] Socket [ring] Socket 4 was closed by the peer",
+        b"5 was closed by the peer",
+    ]:
+        assert _unring(line) is None
+    error = b"flashmoe-serve: error: lost the connection to another rank"
+    assert _unring(b"[ring] Socket " + error) == error
+    assert _unring(b"[ring] Too many send/recv errors. Failing pending tasks...") is None
+    assert _unring(b"[ring] anything else") is None
+    assert _unring(b"  text [x]") == b"  text [x]" and _unring(b"") == b""
