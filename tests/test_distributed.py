@@ -78,6 +78,14 @@ def _start(argvs: list[list[str]], hostfile: Path, *, stdin0=None, **env) -> lis
     return procs
 
 
+def _kill_left(procs: list[subprocess.Popen]) -> None:
+    """Kill and reap every process still running (a test's cleanup, whatever it raised)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[tuple]:
     """(returncode, stdout, stderr) of each; any process still running at the deadline is
     killed and fails the test."""
@@ -257,10 +265,7 @@ def test_a_rank_that_dies_stops_the_others(layout, tmp_path):
         procs[1].send_signal(signal.SIGKILL)  # mid-generation
         (code0, _, err0), (code1, _, _) = _finish(procs, timeout=60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     assert code1 == -signal.SIGKILL
     assert code0 == 2
     lines = [line for line in err0.splitlines() if not line.startswith("flashmoe: pipeline")]
@@ -350,10 +355,7 @@ def test_flashmoe_serve_across_two_ranks(layout, tmp_path):
             p.send_signal(signal.SIGINT)
         results = _finish(procs, timeout=60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     assert [code for code, _, _ in results] == [130, 130], results
     assert results[0][2].endswith("flashmoe-serve: interrupted\n"), results[0][2]
     assert results[1][2] == "", results[1][2]
@@ -371,10 +373,7 @@ def test_flashmoe_serve_stops_when_a_rank_dies(layout, tmp_path):
         procs[1].send_signal(signal.SIGKILL)  # while idle: the ranks poll for requests together
         (code0, _, err0), (code1, _, _) = _finish(procs, timeout=60)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     assert (code0, code1) == (2, -signal.SIGKILL)
     lines = [
         line
@@ -411,10 +410,7 @@ def test_flashmoe_chat_across_two_ranks(layout, tmp_path):
         chat.stdin = None
         results = _finish(procs)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_left(procs)
     assert [code for code, _, _ in results] == [0, 0], results
     text = (said + results[0][1].encode()).decode(errors="surrogateescape")
     answer, rest = text.split("> ", 1)[1].split("\n[interrupted]\n", 1)
