@@ -36,7 +36,7 @@ _MESSAGE_BYTES = 400  # an error line carried from a rank to rank 0 at start-up
 _LOST = "connection to a peer was lost"  # MLX's ring backend, when a peer's socket closes
 # What libmlx prints on stderr when a peer's socket closes; it then fails the pending tasks, but
 # an evaluation waiting on one of them may never return (seen with mlx-lm's asynchronous step).
-_LOST_MARKERS = (b"was closed by the peer", b"Too many send/recv errors")
+_LOST_MARKERS = (b"was closed by the peer", b"Too many send/recv errors", b"failed with errno")
 _LOST_GRACE_S = 3.0  # time for the error to surface on its own before the watchdog steps in
 _PARTIAL_HOLD_S = 0.2  # an unterminated line waits this long for its rest (a ring message's)
 
@@ -366,7 +366,10 @@ def _filter_ring_messages() -> None:
 # libmlx writes its ring messages a piece at a time ("[ring] Socket ", "4", " was closed by the
 # peer", newline), so two threads' messages interleave, and a line of ours can land inside one.
 _RING_PIECES = re.compile(
-    rb"\[ring\] ?(?:Socket ?\d*|Too many send/recv errors\. Failing pending tasks\.\.\.)"
+    rb"\[ring\] ?(?:Socket ?\d*|Too many send/recv errors\. Failing pending tasks\.\.\."
+    rb"|(?:Sending to|Receiving from) socket ?\d*)"
+    rb"|(?:Sending to|Receiving from) socket ?\d*"
+    rb"|(?:Send|Recv)? ?\d* ?failed with errno ?=? ?\d*"
     rb"|\d* ?was closed by the peer"
 )
 

@@ -426,6 +426,8 @@ def test_ring_messages_are_dropped_even_interleaved():
     for line in [
         b"[ring] Socket [ring] Socket 4 was closed by the peer",
         b"5 was closed by the peer",
+        b" Sending to socket 3 failed with errno 32",
+        b"[ring] Receiving from socket 4 failed with errno 104",
     ]:
         assert _unring(line) is None
     error = b"flashmoe-serve: error: lost the connection to another rank"
