@@ -41,8 +41,8 @@ class StoreStats:
     ``sync_seconds`` is the wall time the streaming layers waited on their router sync (the GPU
     finishing everything queued before it); ``host_seconds`` their own time after it, exposed I/O
     excluded (bookkeeping and building the expert graph). ``bytes_read`` includes read-ahead. A
-    read-ahead expert is "used" when the layer it was read
-    for routes to it at that step; precision = used / read ahead, recall = used / (used + misses).
+    read-ahead expert is "used" when the layer it was read for routes to it at that step;
+    precision = used / read ahead, recall = used / (used + misses).
     """
 
     hits: int = 0

@@ -14,9 +14,9 @@ Per MoE layer and decode token: 1 sync (the router ids; none once every expert i
 land in the bank), 0 expert arrays built. With misses and hits, the hits are computed while the
 misses are read (``hits_first``); the expert output is handed to MLX for evaluation at once
 (``ExpertStore.eager``), so the GPU computes it while Python builds the rest of the step. With
-read-ahead (``--prefetch``) the same sync also evaluates
-the next layer's router on this layer's input, and one more batch (the guessed misses of the
-next layer) is submitted without waiting. With a routing trace, every call syncs.
+read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
+input, and one more batch (the guessed misses of the next layer) is submitted without waiting.
+With a routing trace, every call syncs.
 """
 
 from __future__ import annotations
