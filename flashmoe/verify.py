@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,16 +84,23 @@ def _check_file(
 
 
 def verify_layout(
-    root: str | os.PathLike, *, checksums: bool = True, progress: bool = False, workers: int = 2
+    root: str | os.PathLike,
+    *,
+    checksums: bool = True,
+    progress: bool = False,
+    workers: int = 2,
+    layers: Collection[int] | None = None,
 ) -> Index:
     """Check the layout at ``root``; return its index, or raise LayoutError naming the bad file.
 
     Sizes always; with ``checksums``, the sha256 of every expert record (and that its padding is
-    zero), of the dense file and of every copied file.
+    zero), of the dense file and of every copied file. ``layers``: check only those MoE layers'
+    files (with the dense and copied files), e.g. the part one pipeline rank reads.
     """
     root = Path(root)
     index = read_index(root)
-    total = sum(e.size for e in index.layers) + index.dense.size + sum(f.size for f in index.files)
+    entries = [e for e in index.layers if layers is None or e.layer in layers]
+    total = sum(e.size for e in entries) + index.dense.size + sum(f.size for f in index.files)
     bar = None
     if progress and checksums:
         from tqdm import tqdm
@@ -108,7 +116,7 @@ def verify_layout(
     try:
         jobs = [(_check_file, (root, index.dense.name, index.dense.size, index.dense.sha256))]
         jobs += [(_check_file, (root, f.name, f.size, f.sha256)) for f in index.files]
-        layer_jobs = [(_check_layer, (root, index, entry)) for entry in index.layers]
+        layer_jobs = [(_check_layer, (root, index, entry)) for entry in entries]
         # Layers first and in order, so that the first error reported is the lowest bad layer.
         with ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [pool.submit(fn, *args, checksums, tick) for fn, args in layer_jobs + jobs]

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..cli import command
@@ -191,35 +190,14 @@ def verify_once(
     root = Path(root)
     if is_verified(root, layers):
         return
-    if layers is None:
-        verify_layout(root, checksums=True, progress=progress)
-    else:
-        _verify_part(root, layers)
+    # a rank's part is checked without a bar, as before
+    verify_layout(root, checksums=True, progress=progress and layers is None, layers=layers)
     marker = _marker_path(root, layers)
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(marker, json.dumps(_fingerprint(root, layers)))
     except OSError:
         pass  # read-only cache: verify again next time
-
-
-def _verify_part(root: Path, layers: Collection[int]) -> None:
-    """``verify_layout`` (its checks, lowest bad layer first) on the dense file, the copied files
-    and the layer files of ``layers`` only."""
-    from ..verify import _check_file, _check_layer
-
-    index = read_index(root)
-    jobs = [(_check_layer, (root, index, e)) for e in index.layers if e.layer in layers]
-    jobs += [(_check_file, (root, f.name, f.size, f.sha256)) for f in [index.dense, *index.files]]
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(fn, *args, True, lambda n: None) for fn, args in jobs]
-        try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -260,15 +260,7 @@ def _decode_v1(raw: bytes, top_k: int, per: dict) -> None:
     layer_of = np.repeat(records["layer"], records["rows"])
     order = np.argsort(layer_of, kind="stable")  # rows grouped by layer, in recording order
     layers, starts = np.unique(layer_of[order], return_index=True)
-    ids, hits = ids[order], hits[order]
-    steps = np.repeat(records["step"], records["rows"])[order]
-    bounds = [*starts.tolist(), rows]
-    for i, layer in enumerate(layers.tolist()):
-        rows_of = slice(bounds[i], bounds[i + 1])
-        lists = per.setdefault(layer, ([], [], []))
-        lists[0].append(ids[rows_of])
-        lists[1].append(hits[rows_of])
-        lists[2].append(steps[rows_of])
+    _add_rows(per, records, order, layers, starts, ids[order], hits[order])
 
 
 HEAD = 32  # at most this many ids per layer and chunk are relabeled by frequency and bitmapped
@@ -451,8 +443,14 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
     key = ids.astype(np.uint32) * 2 + hits
     key.sort(axis=1)  # the reader's rows are in ascending id order
     ids, hits = (key >> 1).astype(np.uint16), (key & 1).astype(bool)
+    _add_rows(per, records, order, layers, starts, ids, hits)
+
+
+def _add_rows(per: dict, records, order, layers, starts, ids, hits) -> None:
+    """Append a chunk's rows to ``per`` (layer -> ids, hits, steps lists). ``ids``/``hits`` are
+    grouped by layer (``order`` of the recorded rows; layer ``layers[i]`` from ``starts[i]``)."""
     steps = np.repeat(records["step"], records["rows"])[order]
-    bounds = [*starts.tolist(), rows]
+    bounds = [*starts.tolist(), len(order)]
     for i, layer in enumerate(layers.tolist()):
         part = slice(bounds[i], bounds[i + 1])
         lists = per.setdefault(layer, ([], [], []))
