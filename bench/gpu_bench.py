@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eager",
         default="on",
-        help="expert output evaluated as soon as built (on) or at the next sync (off): on,off",
+        help="decode steps' work handed to MLX as soon as built: on (expert output and the "
+        "decoder layers' other modules), experts (expert output only), off (all at the next "
+        "sync); e.g. on,experts,off",
     )
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
@@ -238,7 +240,7 @@ def run(args) -> int:
                             r = _measure(
                                 args, root, bank, split, cold, prompt, ref_logits, stock_ids,
                                 load, layer_files, index, ahead.strip(), hf.strip() == "on",
-                                eager.strip() == "on",
+                                eager.strip(),
                             )  # fmt: skip
                         except Exception as e:  # keep the other rows
                             print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
@@ -277,7 +279,7 @@ def run(args) -> int:
 
 def _measure(
     args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch,
-    hits_first=True, eager=True,
+    hits_first=True, eager="on",
 ):  # fmt: skip
     import mlx.core as mx
 
@@ -291,7 +293,7 @@ def _measure(
     )
     model, _ = load(str(root), **kw)
     store = model.flashmoe.store
-    store.eager = eager
+    _set_eager(store, eager)
     full = bank == index.num_experts
     out = {
         "bank": bank,
@@ -351,7 +353,7 @@ def _measure(
         del model
     if args.timing:
         model, _ = load(str(root), timing=True, **kw)
-        model.flashmoe.store.eager = eager
+        _set_eager(model.flashmoe.store, eager)
         try:
             if full:
                 _fill(model)
@@ -376,6 +378,23 @@ def _measure(
     return out
 
 
+EAGER = ("on", "experts", "off")
+
+
+def _eager_label(mode) -> str:
+    # rows of older JSON files hold a bool (True: the expert output only)
+    if isinstance(mode, bool):
+        mode = "experts" if mode else "off"
+    return {"on": "eager", "experts": "eager-x", "off": "lazy"}[mode]
+
+
+def _set_eager(store, mode: str) -> None:
+    if mode not in EAGER:
+        raise BenchError(f"--eager takes {', '.join(EAGER)}, not {mode!r}")
+    store.eager = mode != "off"
+    store.eager_layers = mode == "on"
+
+
 def _row(r: dict) -> list:
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
@@ -383,7 +402,7 @@ def _row(r: dict) -> list:
     return [
         r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}",
         f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}"
-        f"/{'eager' if r.get('eager', True) else 'lazy'}",
+        f"/{_eager_label(r.get('eager', 'on'))}",
         f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
         f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("sync_ms_per_token"), 2),
         f(r.get("host_ms_per_token"), 2), f(r.get("prefetch_ms_per_token")),

@@ -53,6 +53,9 @@ class LRUPolicy:
         return out
 
 
+_MAX_PENDING = 16
+
+
 class ExpertBank:
     """Slots for the experts of one MoE layer.
 
@@ -192,6 +195,10 @@ class ExpertBank:
 
     def add_pending(self, out: mx.array) -> None:
         self._pending.append(out)
+        if len(self._pending) > _MAX_PENDING:
+            # calls with hits only add and never fence: evaluate (long done) the oldest, so
+            # the list stays short
+            self.fence()
 
     def fence(self) -> None:
         """Evaluate every computation built over this bank (see the ordering rule above)."""

@@ -37,7 +37,7 @@ from .pipeline import Plan, plan_stages, split_model
 from .reader import make_reader
 from .sizing import default_budget, kv_cache_bytes, slots_for_budget
 from .store import ExpertStore
-from .streaming import StreamingSwitchGLU, Timed, Timing, link_next_layers
+from .streaming import StreamingSwitchGLU, Timed, Timing, commit_early, link_next_layers
 
 
 @dataclass
@@ -290,6 +290,7 @@ def _build_model(
                 raise ValueError(f"{type(parent).__name__} has no top_k to override")
             parent.top_k = k
     link_next_layers(parents)
+    commit_early(model, [parent for parent, _ in parents], store)
     return model, config
 
 

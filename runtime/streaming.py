@@ -11,9 +11,12 @@ are split into groups whose unions fit.
 
 Per MoE layer and decode token: 1 sync (the router ids; none once every expert is resident),
 ``misses x split`` preadv calls in the native pool (one batch, GIL released), 0 copies (reads
-land in the bank), 0 expert arrays built. With misses and hits, the hits are computed while the
-misses are read (``hits_first``); the expert output is handed to MLX for evaluation at once
-(``ExpertStore.eager``), so the GPU computes it while Python builds the rest of the step. With
+land in the bank), 0 expert arrays built. A step whose experts are all resident skips the
+request machinery (``ExpertStore.resident_slots``: one table lookup). With misses and hits, the
+hits are computed while the misses are read (``hits_first``); the expert output is handed to MLX
+for evaluation at once (``ExpertStore.eager``), so the GPU computes it while Python builds the
+rest of the step, and on a GPU so are the outputs of the layer's attention and norms
+(``commit_early``), so that the router sync waits for the router alone. With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting.
 With a routing trace, every call syncs.
@@ -67,6 +70,47 @@ def link_next_layers(parents: list[tuple[nn.Module, int]]) -> None:
             stream.next_layer = NextLayer(layer, gate, top_k)
 
 
+def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) -> int:
+    """Make the other modules of each decoder layer holding one of ``blocks`` (MoE blocks) hand
+    their output to MLX as soon as it is built, in decode steps with a partial bank.
+
+    With a partial bank every MoE layer syncs on its router. Without this, the whole stretch
+    since the previous sync (the rest of the last MoE block, the norms, the attention, the
+    router: ~70-80 kernels per layer) is encoded only at the sync, and the GPU runs it while
+    the host waits. Committed piece by piece (``mx.async_eval`` of each module's output), the GPU
+    runs each piece while Python builds and encodes the next, and the sync waits only for the
+    router's piece. Values never change (evaluation order only). The modules keep their class
+    (a subclass per class, so parameter paths and ``isinstance`` stay as they were). Returns
+    the number of modules changed.
+    """
+    wanted = {id(b) for b in blocks}
+    changed = 0
+    for _, module in model.named_modules():
+        children = module.children()
+        if not any(id(c) in wanted for c in children.values()):
+            continue
+        for child in children.values():
+            if isinstance(child, nn.Module) and id(child) not in wanted:
+                child.__class__ = _committing_class(type(child), store)
+                changed += 1
+    return changed
+
+
+def _committing_class(cls: type, store: ExpertStore) -> type:
+    if getattr(cls, "_flashmoe_commits", None) is store:
+        return cls
+
+    def __call__(self, *args, **kwargs):
+        out = cls.__call__(self, *args, **kwargs)
+        # decode steps only (one position per sequence): a prompt is compute-bound
+        if store.eager_layers and isinstance(out, mx.array) and out.ndim >= 2:
+            if out.shape[-2] == 1 and store.syncs:
+                mx.async_eval(out)
+        return out
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_flashmoe_commits": store})
+
+
 def streaming_of(module) -> StreamingSwitchGLU | None:
     """The streaming module itself, or the one a ``Timed`` wrapper holds; else None."""
     if isinstance(module, Timed):
@@ -101,6 +145,17 @@ class StreamingSwitchGLU(nn.Module):
             mx.eval(indices, guess)
         experts = np.array(indices)  # the router sync
         t1 = time.perf_counter()
+        decode = experts.size == experts.shape[-1]  # one token
+        if decode and guess is None:
+            slots = store.resident_slots(self.layer, experts)
+            if slots is not None:  # every expert a hit
+                out = glu(x, slots)
+                store.banks[self.layer].add_pending(out)
+                if store.eager:
+                    mx.async_eval(out)
+                stats.sync_seconds += t1 - t0
+                stats.host_seconds += time.perf_counter() - t1
+                return out
         io = stats.io_seconds
         flat = experts.reshape(-1, experts.shape[-1])
         store.record(self.layer, flat)

@@ -125,3 +125,38 @@ def test_hits_first_is_bit_identical(layout, monkeypatch):
     calls.clear()
     _, _, tokens = streamed(out, prompt, bank_experts=6, hits_first=False)
     assert tokens == ref_tokens and not calls
+
+
+def test_early_commits_are_bit_identical_and_keep_parameters(layout, monkeypatch):
+    """Decoder-layer modules hand decode steps' output to MLX early (GPU default): same output,
+    same parameter tree."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    commits = []
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (commits.append(a), real(*a))[1])
+    counts = {}
+    for early in (True, False):
+        model, tok = load(str(out), bank_experts=6)
+        model.flashmoe.store.eager_layers = early
+        commits.clear()
+        logits = np.array(model(mx.array(prompt)[None]).astype(mx.float32))
+        assert np.array_equal(logits, ref_logits)
+        prompt_commits = len(commits)
+        tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=8)]
+        assert tokens == ref_tokens[:8]
+        counts[early] = (prompt_commits, len(commits) - prompt_commits)
+        if early:
+            layer = model.language_model.model.layers[0]
+            attn = getattr(layer, "linear_attn", None) or layer.self_attn
+            assert attn.__class__ is not attn.__class__.__mro__[1]  # a committing subclass
+    assert counts[True][0] == counts[False][0]  # never in a prompt
+    # 7 decode steps x 4 layers x 3 modules, on top of mlx-lm's and the experts' own
+    assert counts[True][1] - counts[False][1] >= 7 * 4 * 3
+    stock, _ = mlx_lm.load(str(src))
+    keys = {k for k, _ in tree_flatten(stock.parameters()) if "switch_mlp" not in k}
+    assert {k for k, _ in tree_flatten(model.parameters())} == keys
