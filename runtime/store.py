@@ -324,8 +324,8 @@ class ExpertStore:
         return bank.device_table()[indices]
 
     def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
-        """Slot ids of ``experts`` (distinct ids, any shape) when every one is resident and no
-        read is in flight for ``layer``; else None (the caller goes through ``request``).
+        """Slot ids of ``experts`` (any shape) when every one is resident and no read is in
+        flight for ``layer``; else None (the caller goes through ``request``).
 
         The bookkeeping of a ``request`` without misses, minus its machinery (no fence: nothing
         is written), for the common decode step whose experts are all hits.
@@ -336,9 +336,10 @@ class ExpertStore:
         slots = bank.table[experts]
         if (slots < 0).any():
             return None
-        bank.policy.touch(np.sort(experts, axis=None).tolist())  # the order request touches
+        unique = np.unique(experts)  # what request gets: distinct ids, in this order
+        bank.policy.touch(unique.tolist())
         self.stats.calls += 1
-        self.stats.hits += experts.size
+        self.stats.hits += unique.size
         return mx.array(slots.astype(np.uint32))
 
     def record(self, layer: int, routed: np.ndarray) -> None:
