@@ -180,8 +180,8 @@ class StreamingSwitchGLU(nn.Module):
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
-        unsorted = experts.size < 64  # SwitchGLU sorts from 64 (token, expert) pairs on
-        if pending.misses and pending.hits and store.hits_first and unsorted:
+        one_token = experts.size == experts.shape[-1]
+        if pending.misses and pending.hits and store.hits_first and one_token:
             out = self._hits_first(x, experts, pending)
         else:
             pending.wait()
@@ -190,42 +190,26 @@ class StreamingSwitchGLU(nn.Module):
         return out
 
     def _hits_first(self, x: mx.array, experts: np.ndarray, pending: Pending) -> mx.array:
-        """Compute the resident experts while the misses are read, then the misses.
+        """One token: compute its resident experts while the misses are read, then the misses.
 
-        Each routed expert's row of the SwitchGLU output depends on that expert (and its token)
-        alone, so the two partial outputs, put back in routing order, are the rows mlx-lm
-        computes; the block's weighted sum then runs over them as usual (bit-identical). One
-        token keeps its layout (its hit and missed experts); several tokens (a batched decode
-        step, a small group of a prompt) go as one (token, expert) pair per row. Only for fewer
-        than 64 pairs, where SwitchGLU computes every pair on its own (no sorting) both ways.
+        Each routed expert's row of the SwitchGLU output depends on that expert alone, so the
+        two partial outputs, put back in routing order, are the rows mlx-lm computes; the
+        block's weighted sum then runs over them as usual (bit-identical).
         """
         glu = self._original.glu
-        k = experts.shape[-1]
-        flat = experts.reshape(-1)
+        row = experts.reshape(-1)
         missed = {e for e, _ in pending.misses}  # a set: np.isin costs ~40 us per call here
-        flags = [e in missed for e in flat.tolist()]
+        flags = [e in missed for e in row.tolist()]
         hit_pos = np.array([i for i, m in enumerate(flags) if not m], dtype=np.int64)
         miss_pos = np.array([i for i, m in enumerate(flags) if m], dtype=np.int64)
-        if flat.size == k:
-            lead, axis = experts.shape[:-1], -2
-
-            def part(pos: np.ndarray) -> mx.array:
-                return glu(x, pending.slot_ids(flat[pos].reshape(*lead, -1)))
-        else:
-            rows, axis = x.reshape(-1, x.shape[-1]), 0
-
-            def part(pos: np.ndarray) -> mx.array:
-                tokens = rows[mx.array((pos // k).astype(np.uint32))][:, None]
-                return glu(tokens, pending.slot_ids(flat[pos].reshape(-1, 1, 1)))
-
-        out_hits = part(hit_pos)
+        lead = experts.shape[:-1]
+        out_hits = glu(x, pending.slot_ids(row[hit_pos].reshape(*lead, -1)))
         mx.async_eval(out_hits)
         pending.wait()
-        out_misses = part(miss_pos)
+        out_misses = glu(x, pending.slot_ids(row[miss_pos].reshape(*lead, -1)))
         order = np.argsort(np.concatenate([hit_pos, miss_pos])).astype(np.uint32)
-        both = mx.concatenate([out_hits, out_misses], axis=axis)
-        out = mx.take(both, mx.array(order), axis=axis)
-        return out if axis else out.reshape(*experts.shape, out.shape[-1])
+        both = mx.concatenate([out_hits, out_misses], axis=-2)
+        return mx.take(both, mx.array(order), axis=-2)
 
     def _compute_in_groups(self, x: mx.array, experts: np.ndarray, flat: np.ndarray) -> mx.array:
         """Split the tokens into groups whose expert unions fit in the bank.
