@@ -302,6 +302,7 @@ def _measure(
         "prefetch": prefetch,
         "hits_first": hits_first,
         "eager": eager,
+        "policy": store.policy,
     }
     try:
         out["residency"] = None

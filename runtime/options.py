@@ -80,8 +80,8 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
     s.add_argument(
         "--bank-policy",
         choices=("lru", "lfu", "lfuda"),
-        default="lru",
-        help="which resident expert a miss evicts (default lru; benchmarks/RESULTS.md compares them)",
+        default="lfu",
+        help="which resident expert a miss evicts (default lfu; benchmarks/RESULTS.md compares them)",
     )
     s.add_argument("--revision", default=None, help="Hub revision when MODEL is a repo id")
     s.add_argument(

@@ -185,7 +185,7 @@ class ExpertStore:
         verify: bool = False,
         direct: bool = False,
         prefetch: str = "off",
-        policy: str = "lru",
+        policy: str = "lfu",
         hits_first: bool = True,
         layers: Iterable[int] | None = None,
     ):

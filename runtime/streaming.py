@@ -99,6 +99,9 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
 def _committing_class(cls: type, store: ExpertStore) -> type:
     if getattr(cls, "_flashmoe_commits", None) is store:
         return cls
+    made = store.__dict__.setdefault("_committing_classes", {})  # one subclass per class
+    if cls in made:
+        return made[cls]
 
     def __call__(self, *args, **kwargs):
         out = cls.__call__(self, *args, **kwargs)
@@ -108,7 +111,8 @@ def _committing_class(cls: type, store: ExpertStore) -> type:
                 mx.async_eval(out)
         return out
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "_flashmoe_commits": store})
+    made[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_flashmoe_commits": store})
+    return made[cls]
 
 
 def streaming_of(module) -> StreamingSwitchGLU | None:
