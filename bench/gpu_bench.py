@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder layers' other modules), experts (expert output only), off (all at the next "
         "sync); e.g. on,experts,off",
     )
+    p.add_argument("--policies", default="lfu", help="bank policies to compare, e.g. lfu,lru")
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -230,17 +231,18 @@ def run(args) -> int:
         for bank in banks:
             for split in args.splits:
                 for mode in modes:
-                    for ahead, hf, eager in itertools.product(
+                    for ahead, hf, eager, policy in itertools.product(
                         args.prefetch.split(","),
                         args.hits_first.split(","),
                         args.eager.split(","),
+                        args.policies.split(","),
                     ):
                         os.environ["FLASHMOE_CUDA_RESIDENCY"] = mode
                         try:
                             r = _measure(
                                 args, root, bank, split, cold, prompt, ref_logits, stock_ids,
                                 load, layer_files, index, ahead.strip(), hf.strip() == "on",
-                                eager.strip(),
+                                eager.strip(), policy.strip(),
                             )  # fmt: skip
                         except Exception as e:  # keep the other rows
                             print(f"bank {bank} split {split} {mode}: FAILED {e}", flush=True)
@@ -252,7 +254,7 @@ def run(args) -> int:
     os.environ.pop("FLASHMOE_CUDA_RESIDENCY", None)
     refs = reference_rates(index, layer_files, args.splits[0], args.io_threads)
     columns = [
-        "bank", "split", "pages", "mode", "ahead/hits-first/eager", "tok/s", "x stock", "TTFT ms", "hit %",
+        "bank", "split", "pages", "mode", "ahead/hits-first/eager/policy", "tok/s", "x stock", "TTFT ms", "hit %",
         "MB/token", "exposed I/O ms", "sync ms", "host ms", "ahead ms", "precision %", "unused %", "I/O GB/s",
         "dense ms", "router ms", "compute ms", "identical",
     ]  # fmt: skip
@@ -279,7 +281,7 @@ def run(args) -> int:
 
 def _measure(
     args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch,
-    hits_first=True, eager="on",
+    hits_first=True, eager="on", policy="lfu",
 ):  # fmt: skip
     import mlx.core as mx
 
@@ -290,6 +292,7 @@ def _measure(
         direct_io=cold,
         prefetch=prefetch,
         hits_first=hits_first,
+        bank_policy=policy,
     )
     model, _ = load(str(root), **kw)
     store = model.flashmoe.store
@@ -403,7 +406,7 @@ def _row(r: dict) -> list:
     return [
         r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}",
         f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}"
-        f"/{_eager_label(r.get('eager', 'on'))}",
+        f"/{_eager_label(r.get('eager', 'on'))}/{r.get('policy', 'lru')}",
         f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
         f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("sync_ms_per_token"), 2),
         f(r.get("host_ms_per_token"), 2), f(r.get("prefetch_ms_per_token")),

@@ -38,11 +38,15 @@ class LFUPolicy:
         self._count.pop(expert, None)
         self._last.pop(expert, None)
 
-    def _key(self, e: int) -> tuple[float, int]:
-        return (self._count[e], self._last[e])
-
     def victims(self, count: int, keep: set[int]) -> list[int]:
-        return heapq.nsmallest(count, (e for e in self._count if e not in keep), key=self._key)
+        # tuples built in one comprehension: a key function called per expert costs ~4 x more;
+        # the position keeps ties in insertion order, as ``nsmallest(key=...)`` did
+        prio, last = self._priority(), self._last
+        ranked = [(prio[e], last[e], i, e) for i, e in enumerate(self._count) if e not in keep]
+        return [r[3] for r in heapq.nsmallest(count, ranked)]
+
+    def _priority(self) -> dict[int, float]:
+        return self._count
 
 
 class LFUDAPolicy(LFUPolicy):
@@ -66,8 +70,8 @@ class LFUDAPolicy(LFUPolicy):
             self._clock = max(self._clock, prio)
         super().remove(expert)
 
-    def _key(self, e: int) -> tuple[float, int]:
-        return (self._prio[e], self._last[e])
+    def _priority(self) -> dict[int, float]:
+        return self._prio
 
 
 class PinnedLRUPolicy(LRUPolicy):
