@@ -2,8 +2,9 @@
 
 A trace is what a bank policy is judged on (``flashmoe-bench policy``). The writer is called from
 the decode hot path, so ``record`` only copies the two small arrays into a buffer; every ~1 M ids
-the buffer is encoded and compressed (zstandard) as one chunk and written, so a crash loses at most
-one chunk. The format is in ``layouts/FORMAT.md`` ("Routing traces"); version 2 (written), per
+the buffer is handed to one background thread, which encodes and compresses it (zstandard) as one
+chunk and writes it. At most ``PENDING`` chunks wait for that thread (``record`` blocks for another),
+so a crash loses the rows buffered and at most ``PENDING`` chunks. The format is in ``layouts/FORMAT.md`` ("Routing traces"); version 2 (written), per
 chunk, groups the rows by layer and relabels each layer's ids by frequency: the popular ids of a
 row are a bitmap, the others byte-coded gaps, and where consecutive rows share ids beyond
 popularity, a row stores which ids of the previous row it keeps. Version 1 (still read) stores
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import queue
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ VERSION = 2  # 1: ids delta-coded in recording order (still read)
 VERSIONS = (1, 2)
 RECORD = np.dtype([("layer", "<u2"), ("k", "<u2"), ("rows", "<u4"), ("step", "<u4")])
 CHUNK_IDS = 1 << 20  # ids buffered before a chunk is compressed and written
+PENDING = 2  # chunks handed to the writer thread and not yet written (the one being written too)
 LEVEL = 3  # levels 9 and 19 gain < 1 % on version 2 chunks at 3-300 x the time
 
 
@@ -38,11 +41,17 @@ class TraceError(ValueError):
     """A file that is not a valid routing trace."""
 
 
+class TraceWriteError(OSError):
+    """Writing a routing trace failed (in the writer thread): the file holds the chunks before."""
+
+
 class TraceWriter:
     """Records routed experts per layer call; ``close()`` (or interpreter exit) writes the rest.
 
     ``record(layer, experts, hit)``: ``experts`` is ``tokens x k`` expert ids of one call of the
     layer, ``hit`` a bool array of the same shape (the expert was resident before the call).
+    Full chunks are encoded, compressed and written by a background thread; a failure there
+    (a full disk) raises ``TraceWriteError`` from the next ``record``, ``flush`` or ``close``.
     """
 
     def __init__(
@@ -73,6 +82,15 @@ class TraceWriter:
         self._step = 0
         self._last_layer: int | None = None
         self.rows = 0  # token rows recorded so far, all layers
+        # the thread takes one chunk and writes it while PENDING - 1 more wait: put() blocks
+        # for the next only when PENDING are unwritten, so memory stays bounded
+        self._chunks: queue.Queue = queue.Queue(maxsize=PENDING - 1)
+        self._error: TraceWriteError | None = None
+        self._written = 0  # rows in the file (all layers)
+        self._reported = False
+        self._thread = threading.Thread(target=self._write_chunks, name="flashmoe-trace")
+        self._thread.daemon = True  # close() joins it; atexit runs before daemons stop
+        self._thread.start()
         atexit.register(self.close)
 
     def record(self, layer: int, experts: np.ndarray, hit: np.ndarray) -> None:
@@ -80,11 +98,10 @@ class TraceWriter:
         k = self.top_k
         if experts.shape[-1] != k:
             raise ValueError(f"trace of top-{k} routing got rows of {experts.shape[-1]} experts")
-        ids = np.asarray(experts).reshape(-1, k).astype(np.uint16)
-        hits = np.asarray(hit, dtype=bool).reshape(ids.shape)
+        ids = np.asarray(experts).reshape(-1, k).astype(np.uint16)  # copies
+        hits = np.array(hit, dtype=bool).reshape(ids.shape)  # a copy: the caller may reuse it
         with self._lock:
-            if self._file is None:
-                raise ValueError(f"{self.path}: trace is closed")
+            self._check()
             if self._last_layer is not None and layer <= self._last_layer:
                 self._step += 1
             self._last_layer = layer
@@ -94,7 +111,7 @@ class TraceWriter:
             self._buffered += ids.size
             self.rows += ids.shape[0]
             if self._buffered >= CHUNK_IDS:
-                self._flush()
+                self._hand_over()
 
     def end_step(self) -> None:
         """Start a new step with the next record (a step also starts when the layer id wraps)."""
@@ -104,38 +121,93 @@ class TraceWriter:
                 self._step += 1
 
     def flush(self) -> None:
+        """Write what is buffered and wait until every chunk is in the file."""
         with self._lock:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._records or self._file is None:
-            return
-        records = np.array(self._records, dtype=RECORD)
-        sections = _encode(
-            records, np.concatenate(self._ids), np.concatenate(self._hits), self.num_experts
-        )
-        frames = [self._zstd.compress(s) for s in sections]  # each its own entropy tables
-        body = struct.pack(f"<H{len(frames)}I", len(frames), *map(len, frames))
-        body += b"".join(frames)
-        self._file.write(struct.pack("<I", len(body)) + body)
-        self._file.flush()
-        self._records, self._ids, self._hits, self._buffered = [], [], [], 0
+            self._check()
+            self._hand_over()
+            self._chunks.join()
+            self._check()
 
     def close(self) -> None:
-        """Write what is buffered and close the file (idempotent)."""
+        """Write what is buffered and close the file (idempotent). A failure of the writer
+        thread not yet raised by ``record``/``flush`` is raised here."""
         with self._lock:
             if self._file is None:
                 return
-            self._flush()
-            self._file.close()
-            self._file = None
-        atexit.unregister(self.close)
+            try:
+                if self._error is None:
+                    self._hand_over()
+                self._chunks.put(None)
+                self._thread.join()
+                try:
+                    self._file.close()
+                except OSError as e:  # the last bytes reach the disk only now
+                    self._fail(e)
+            finally:
+                self._file = None
+                atexit.unregister(self.close)
+            if self._error is not None and not self._reported:
+                self._reported = True
+                raise self._error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            self._reported = True
+            raise self._error
+        if self._file is None:
+            raise ValueError(f"{self.path}: trace is closed")
+
+    def _hand_over(self) -> None:
+        """Queue the buffered records as one chunk for the writer thread (the lock is held)."""
+        if not self._records:
+            return
+        chunk = (np.array(self._records, dtype=RECORD), self._ids, self._hits)
+        self._records, self._ids, self._hits, self._buffered = [], [], [], 0
+        self._chunks.put(chunk)
+
+    def _write_chunks(self) -> None:
+        """The writer thread: encode, compress and write each chunk in order, until None."""
+        while (chunk := self._chunks.get()) is not None:
+            try:
+                if self._error is None:  # after a failure the file ends before this chunk
+                    records, ids, hits = chunk
+                    body = _chunk(self._zstd, records, ids, hits, self.num_experts)
+                    self._file.write(body)
+                    self._file.flush()
+                    self._written += int(records["rows"].sum())
+            except BaseException as e:  # surfaces from the caller's next record/flush/close
+                self._fail(e)
+            finally:
+                self._chunks.task_done()
+        self._chunks.task_done()
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            self._error = TraceWriteError(
+                f"{self.path}: writing the routing trace failed ({why}); the file holds only "
+                f"its first {self._written:,} rows"
+            )
 
     def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _chunk(
+    zstd: zstandard.ZstdCompressor,
+    records: np.ndarray,
+    ids: list[np.ndarray],
+    hits: list[np.ndarray],
+    num_experts: int,
+) -> bytes:
+    """One version 2 chunk as written to the file (length prefix included)."""
+    sections = _encode(records, np.concatenate(ids), np.concatenate(hits), num_experts)
+    frames = [zstd.compress(s) for s in sections]  # each its own entropy tables
+    body = struct.pack(f"<H{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
+    return struct.pack("<I", len(body)) + body
 
 
 @dataclass
@@ -459,4 +531,12 @@ def _add_rows(per: dict, records, order, layers, starts, ids, hits) -> None:
         lists[2].append(steps[part])
 
 
-__all__ = ["LayerTrace", "Trace", "TraceError", "TraceWriter", "append_trace", "read_trace"]
+__all__ = [
+    "LayerTrace",
+    "Trace",
+    "TraceError",
+    "TraceWriteError",
+    "TraceWriter",
+    "append_trace",
+    "read_trace",
+]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
 import zstandard
 from flashmoe.runtime import trace as trace_mod
-from flashmoe.runtime.trace import RECORD, TraceError, TraceWriter, read_trace
+from flashmoe.runtime.trace import RECORD, TraceError, TraceWriteError, TraceWriter, read_trace
 
 
 def _routes(rng, rows: int, experts: int, k: int) -> np.ndarray:
@@ -186,8 +190,8 @@ def test_version2_round_trip_locality_head_and_prefill(tmp_path, monkeypatch):
     assert _layer_modes(sections, 3) == [1, 0, 0]  # locality only where it pays
 
 
-def _chunk_v2(sections: list[bytes]) -> bytes:
-    frames = [zstandard.ZstdCompressor().compress(s) for s in sections]
+def _chunk_v2(sections: list[bytes], level: int = 3) -> bytes:
+    frames = [zstandard.ZstdCompressor(level=level).compress(s) for s in sections]
     body = struct.pack(f"<H{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
     return struct.pack("<I", len(body)) + body
 
@@ -363,3 +367,93 @@ def test_tracesize_bounds_and_locality():
     assert 0.45 < shared / 4 < 0.6
     _, count, previous = entropy_bounds(sticky, 64)
     assert previous < count - 4  # keep masks: ~4 x H(0.5) bits instead of ~2 ids of 64
+
+
+def _fifo(tmp_path, name: str, size: int = 4096) -> tuple:
+    """A named pipe of ``size`` bytes with its read end open (so that a writer can open it)."""
+    path = tmp_path / name
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    return path, fd
+
+
+def test_writer_thread_bounds_pending_chunks_and_writes_the_synchronous_bytes(
+    tmp_path, monkeypatch
+):
+    """A pipe nobody reads stalls the writer thread in its first chunk: one more chunk waits,
+    and the record that hands over a third blocks. Drained, the bytes are those of encoding
+    each chunk's records synchronously."""
+    monkeypatch.setattr(trace_mod, "CHUNK_IDS", 20_000)  # a chunk every 2,000 one-row records
+    rng = np.random.default_rng(7)
+    n, e, k = 7000, 512, 10
+    ids = np.argpartition(rng.random((n, e)), k, axis=1)[:, :k]
+    hits = rng.random((n, k)) < 0.5
+    path, fd = _fifo(tmp_path, "t.fifo")
+    w = TraceWriter(path, num_layers=2, num_experts=e, top_k=k, meta={"m": 1})
+    os.set_blocking(fd, True)
+    done: list[int] = []
+
+    def produce() -> None:
+        for r in range(n):
+            w.record(r % 2, ids[r : r + 1], hits[r : r + 1])
+            done.append(r)
+
+    def drain() -> None:
+        while part := os.read(fd, 1 << 16):
+            data.extend(part)
+
+    data = bytearray()
+    producer = threading.Thread(target=produce, daemon=True)  # daemons: a failure cannot hang
+    producer.start()
+    deadline = time.monotonic() + 30
+    while len(done) < 5999 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(done) == 5999 and producer.is_alive()  # chunk 1 writing, 2 waiting, 3 blocked
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    producer.join(30)
+    w.close()
+    reader.join(30)
+    os.close(fd)
+    header = {"format": "flashmoe-trace", "version": 2, "num_layers": 2, "num_experts": e}
+    blob = json.dumps({**header, "top_k": k, "meta": {"m": 1}}, sort_keys=True).encode()
+    expected = trace_mod.MAGIC + struct.pack("<I", len(blob)) + blob
+    records = np.array([(r % 2, k, 1, r // 2) for r in range(n)], RECORD)
+    for part in (slice(0, 2000), slice(2000, 4000), slice(4000, 6000), slice(6000, n)):
+        sections = trace_mod._encode(records[part], ids[part], hits[part], e)
+        expected += _chunk_v2(sections, trace_mod.LEVEL)
+    assert bytes(data) == expected
+    (tmp_path / "t.fmt").write_bytes(data)
+    t = read_trace(tmp_path / "t.fmt")
+    order = np.argsort(ids[1::2], axis=1)
+    np.testing.assert_array_equal(t.layers[1].experts, np.take_along_axis(ids[1::2], order, 1))
+    np.testing.assert_array_equal(t.layers[1].hit, np.take_along_axis(hits[1::2], order, 1))
+
+
+def test_a_failed_chunk_write_is_raised_once_in_one_line(tmp_path, monkeypatch):
+    """The pipe's reader is gone, so the writer thread's write fails (EPIPE): the next flush
+    raises (and every later record), or else close does; the file is closed either way."""
+    monkeypatch.setattr(trace_mod, "CHUNK_IDS", 40)
+    one = np.arange(4)[None]
+    for ending in ("flush", "close"):
+        path, fd = _fifo(tmp_path, f"{ending}.fifo")
+        w = TraceWriter(path, num_layers=1, num_experts=8, top_k=4, meta={})
+        os.close(fd)
+        for _ in range(12):  # a chunk of 10 rows handed over, 2 rows buffered
+            w.record(0, one, one > 1)
+        if ending == "flush":
+            with pytest.raises(TraceWriteError) as err:
+                w.flush()
+            with pytest.raises(TraceWriteError):
+                w.record(0, one, one > 1)
+            w.close()  # already raised: closes quietly
+        else:
+            with pytest.raises(TraceWriteError) as err:
+                w.close()
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: writing the routing trace failed (BrokenPipeError")
+        assert "first 0 rows" in msg and "\n" not in msg
+        assert w._file is None and not w._thread.is_alive()
+        w.close()
