@@ -18,6 +18,7 @@ record's, or after ``end_step()``.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import queue
 import struct
@@ -349,18 +350,61 @@ def _columns(bits: np.ndarray, width: np.ndarray | None = None) -> list[bytes]:
     return [col[width > 8 * c].tobytes() for c, col in enumerate(packed.T)]
 
 
-def _bits(raw: np.ndarray, pos: int, width: np.ndarray, nbits: int) -> tuple[np.ndarray, int]:
-    """Inverse of ``_columns``: rows x ``nbits`` bools (zero beyond each row's width), new pos."""
-    packed = np.zeros((len(width), (nbits + 7) // 8), np.uint8)
-    for c in range(packed.shape[1]):
+def _maps(raw: np.ndarray, pos: int, rows: int, nbits: int) -> tuple[np.ndarray, int]:
+    """Inverse of ``_columns`` without ``width``: ``nbits`` x ``rows`` bools (a row's bits are
+    a column), and the new pos."""
+    nb = (nbits + 7) // 8
+    if pos + rows * nb > len(raw):
+        raise TraceError("chunk shorter than its records")
+    packed = raw[pos : pos + rows * nb].reshape(nb, rows)
+    bits = np.unpackbits(packed, axis=0, count=nbits, bitorder="little").view(bool)
+    return bits, pos + rows * nb
+
+
+def _words(raw: np.ndarray, pos: int, width: np.ndarray) -> tuple[np.ndarray, int]:
+    """Inverse of ``_columns`` with ``width`` (<= 32): each row's bits as one uint32 (bit ``i``
+    is the row's bit ``i``, zero from its width on), and the new pos."""
+    words = np.zeros(len(width), np.uint32)
+    for c in range((int(width.max(initial=0)) + 7) // 8):
         sel = width > 8 * c
         n = int(sel.sum())
         if pos + n > len(raw):
             raise TraceError("chunk shorter than its records")
-        packed[sel, c] = raw[pos : pos + n]
+        col = raw[pos : pos + n].astype(np.uint32) << np.uint32(8 * c)
+        if n == len(width):
+            words |= col
+        else:
+            words[sel] |= col
         pos += n
-    bits = np.unpackbits(packed, axis=1, count=nbits, bitorder="little").astype(bool)
-    return bits & (np.arange(nbits) < width[:, None]), pos
+    mask = (np.uint64(1) << width.astype(np.uint64)) - np.uint64(1)
+    return words & mask.astype(np.uint32), pos
+
+
+POP8 = np.array([bin(i).count("1") for i in range(256)], np.int32)  # set bits per byte value
+# de Bruijn: bit i of a power of two 1 << i is DEBRUIJN_BIT[((1 << i) * DEBRUIJN) >> 27]
+DEBRUIJN = np.uint32(0x077CB531)
+DEBRUIJN_BIT = np.zeros(32, np.int32)
+DEBRUIJN_BIT[((np.uint32(1) << np.arange(32, dtype=np.uint32)) * DEBRUIJN) >> np.uint32(27)] = (
+    np.arange(32)
+)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint32."""
+    b = words.view(np.uint8).reshape(-1, 4)
+    return POP8[b[:, 0]] + POP8[b[:, 1]] + POP8[b[:, 2]] + POP8[b[:, 3]]
+
+
+def _set_bits(words: np.ndarray, count: int) -> np.ndarray:
+    """The positions of each uint32's lowest ``count`` set bits, ascending: ``count`` x rows
+    (BIG where a word has fewer)."""
+    out = np.full((count, len(words)), BIG, np.int32)
+    words = words.copy()
+    for j in range(count):
+        low = words & (~words + np.uint32(1))
+        out[j] = np.where(low != 0, DEBRUIJN_BIT[(low * DEBRUIJN) >> np.uint32(27)], BIG)
+        words ^= low
+    return out
 
 
 def _h(p: np.ndarray) -> np.ndarray:
@@ -447,6 +491,7 @@ def _encode(
 
 
 def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
+    # Rows are columns here (k x rows arrays): each step is a few vector ops over all rows.
     k, e = top_k, num_experts
     (n,) = struct.unpack_from("<I", raw, 0)
     records = np.zeros(n, RECORD)
@@ -472,11 +517,12 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
         inv[i] = np.concatenate([head, np.flatnonzero(rest)])
     buf = np.frombuffer(raw, np.uint8)
     loc = modes[li].astype(bool)
-    keep = np.zeros((rows, k), bool)
-    keep[loc], pos = _bits(buf, pos, np.full(int(loc.sum()), k), k)
+    keep = np.zeros((k, rows), bool)
+    keep[:, loc], pos = _maps(buf, pos, int(loc.sum()), k)
     hr = h[li]
-    head_bits, pos = _bits(buf, pos, hr, HEAD)
-    ntail = k - keep.sum(1) - head_bits.sum(1)
+    head_words, pos = _words(buf, pos, hr)
+    nh = _popcount(head_words)
+    ntail = k - keep.sum(0) - nh
     if (ntail < 0).any():
         raise TraceError("a row has more than top_k ids")
     total = int(ntail.sum())
@@ -485,37 +531,81 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
     if len(ends) < total:
         raise TraceError("chunk shorter than its records")
     sums = np.cumsum(varint[: ends[-1] + 1] if total else varint[:0], dtype=np.int64)[ends]
-    valid = np.arange(k) < ntail[:, None]
-    gaps = np.zeros((rows, k), np.int32)
-    gaps.T[valid.T] = np.diff(sums, prepend=0)
+    col = np.arange(k)[:, None]
+    tail = np.zeros((k, rows), np.int32)  # gaps g_j, then v_j + h = g_0 + ... + g_j + j + h
+    tail[col < ntail] = np.minimum(np.diff(sums, prepend=0), e)  # g_0 of each row, then g_1...
     pos += int(ends[-1]) + 1 if total else 0
     if len(raw) != pos + rows * ((k + 7) // 8):
         raise TraceError("chunk size does not match its records")
-    tail = np.cumsum(gaps + (np.arange(k) > 0), axis=1, dtype=np.int32) + hr[:, None]
-    # new ranks ascending: the bitmap's (all < h), then the gaps' (>= h); BIG where kept ones go
-    ranks = np.full((rows, k), BIG, np.int32)
-    r, c = np.nonzero(head_bits)
-    nh = head_bits.sum(1)
-    ranks[r, np.arange(len(r)) - (np.cumsum(nh) - nh)[r]] = c
-    r, j = np.nonzero(valid)  # nh + ntail <= k (checked above)
-    ranks[r, nh[r] + j] = np.minimum(tail[r, j], BIG)
-    if loc.any():  # a row = the kept ids of its layer's previous row, and its new ids
+    tail[0] += hr
+    for j in range(1, k):
+        tail[j] += tail[j - 1] + 1
+    # a row's new ranks: the bitmap's (ascending, < h) in its first nh places, the gaps' (>= h)
+    # in its last ntail places, last first; BIG between, where the kept ranks go
+    ranks = np.where(col >= k - ntail, tail[::-1], BIG)
+    for j, bit in enumerate(_set_bits(head_words, int(nh.max(initial=0)))):
+        ranks[j] = np.where(j < nh, bit, ranks[j])
+    # a place's hit flag is that of its rank's place in the row's ascending ranks
+    small = np.int16 if k < 1 << 14 else np.int64  # narrow: these are k x rows passes
+    place = np.where(col < nh, col.astype(small), (nh + k - 1).astype(small) - col.astype(small))
+    if loc.any():  # a row = the kept ranks of its layer's previous row, and its new ranks
+        place[:, loc] = col
+        rk, keep = np.ascontiguousarray(ranks.T), keep.T
         lay = np.flatnonzero(modes)
-        state = np.full((len(lay), k), BIG, np.int32)
+        state = np.full((len(lay), k), BIG, rk.dtype)
         for i in range(int(counts[lay].max())):
             act = np.flatnonzero(counts[lay] > i)
             r = starts[lay[act]] + i
-            both = np.concatenate([np.where(keep[r], state[act], BIG), ranks[r]], axis=1)
+            both = np.concatenate([np.where(keep[r], state[act], BIG), rk[r]], axis=1)
             both.sort(axis=1)
-            state[act] = ranks[r] = both[:, :k]
+            state[act] = rk[r] = both[:, :k]
+        ranks = rk.T
     if (ranks >= e).any():
         raise TraceError("an expert id out of range")
-    ids = inv.ravel()[li[:, None] * e + ranks]
-    hits, _ = _bits(buf, pos, np.full(rows, k), k)
-    key = ids.astype(np.uint32) * 2 + hits
-    key.sort(axis=1)  # the reader's rows are in ascending id order
+    hits, _ = _maps(buf, pos, rows, k)
+    at = place.astype(np.int32 if k * rows < 1 << 31 else np.int64)
+    at *= rows
+    at += np.arange(rows, dtype=at.dtype)
+    hits = hits.ravel()[at]
+    key = np.empty((k, rows), np.uint16 if e <= 1 << 15 else np.uint32)
+    bounds = [*starts.tolist(), rows]
+    for i in range(nl):
+        part = slice(bounds[i], bounds[i + 1])
+        np.take(inv[i], ranks[:, part], out=key[:, part])
+    key <<= 1
+    key |= hits
+    _sort_columns(key)  # the reader's rows are in ascending id order
+    key = np.ascontiguousarray(key.T)
     ids, hits = (key >> 1).astype(np.uint16), (key & 1).astype(bool)
     _add_rows(per, records, order, layers, starts, ids, hits)
+
+
+def _sort_columns(a: np.ndarray) -> None:
+    """Sort each column of ``a`` in place (a sorting network: vector ops over all columns)."""
+    for i, j in _network(len(a)):
+        low = np.minimum(a[i], a[j])
+        np.maximum(a[i], a[j], out=a[j])
+        a[i] = low
+
+
+@functools.cache
+def _network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort on ``n`` values: its compare-exchange pairs (``i < j``:
+    the smaller value goes to ``i``), those touching a place ``>= n`` (a +inf pad) left out."""
+    pairs, size = [], 1
+    while size < n:
+        size *= 2
+    p = 1
+    while p < size:
+        q = p
+        while q >= 1:
+            for j in range(q % p, size - q, 2 * q):
+                for i in range(min(q, size - j - q)):
+                    if (i + j) // (2 * p) == (i + j + q) // (2 * p) and i + j + q < n:
+                        pairs.append((i + j, i + j + q))
+            q //= 2
+        p *= 2
+    return pairs
 
 
 def _add_rows(per: dict, records, order, layers, starts, ids, hits) -> None:
