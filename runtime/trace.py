@@ -276,7 +276,16 @@ def read_trace(path: str | Path) -> Trace:
     header, pos = _header(data, path)
     per: dict[int, tuple[list, list, list]] = {}
     dctx = zstandard.ZstdDecompressor()
-    while pos < len(data):
+    k, e, batch = header["top_k"], header["num_experts"], []
+    while True:
+        try:
+            if batch and (pos == len(data) or len(batch) == BATCH):
+                _finish(batch, k, e, per)
+                batch = []
+            if pos == len(data):
+                break
+        except ValueError as err:
+            raise TraceError(f"{path}: bad chunk: {err}") from None
         if pos + 4 > len(data):
             raise TraceError(f"{path}: truncated chunk header at byte {pos}")
         (clen,) = struct.unpack_from("<I", data, pos)
@@ -286,11 +295,11 @@ def read_trace(path: str | Path) -> Trace:
         pos += 4 + clen
         try:
             if header["version"] == 1:
-                _decode_v1(dctx.decompress(frame), header["top_k"], per)
+                _decode_v1(dctx.decompress(frame), k, per)
             else:
-                _decode(_sections(frame, dctx), header["top_k"], header["num_experts"], per)
-        except (zstandard.ZstdError, ValueError, struct.error) as e:
-            raise TraceError(f"{path}: bad chunk: {e}") from None
+                batch.append(_decode(_sections(frame, dctx), k, e))
+        except (zstandard.ZstdError, ValueError, struct.error) as err:
+            raise TraceError(f"{path}: bad chunk: {err}") from None
     layers = {}
     for layer in sorted(per):
         ids, hits, steps = per[layer]
@@ -490,8 +499,9 @@ def _encode(
     ]
 
 
-def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
-    # Rows are columns here (k x rows arrays): each step is a few vector ops over all rows.
+def _decode(raw: bytes, top_k: int, num_experts: int) -> _Chunk:
+    """A version 2 chunk's rows, up to their kept ranks (``_finish``). Rows are columns here
+    (k x rows arrays): each step is a few vector ops over all rows."""
     k, e = top_k, num_experts
     (n,) = struct.unpack_from("<I", raw, 0)
     records = np.zeros(n, RECORD)
@@ -548,36 +558,87 @@ def _decode(raw: bytes, top_k: int, num_experts: int, per: dict) -> None:
     # a place's hit flag is that of its rank's place in the row's ascending ranks
     small = np.int16 if k < 1 << 14 else np.int64  # narrow: these are k x rows passes
     place = np.where(col < nh, col.astype(small), (nh + k - 1).astype(small) - col.astype(small))
-    if loc.any():  # a row = the kept ranks of its layer's previous row, and its new ranks
-        place[:, loc] = col
-        rk, keep = np.ascontiguousarray(ranks.T), keep.T
-        lay = np.flatnonzero(modes)
-        state = np.full((len(lay), k), BIG, rk.dtype)
-        for i in range(int(counts[lay].max())):
-            act = np.flatnonzero(counts[lay] > i)
-            r = starts[lay[act]] + i
-            both = np.concatenate([np.where(keep[r], state[act], BIG), rk[r]], axis=1)
-            both.sort(axis=1)
-            state[act] = rk[r] = both[:, :k]
-        ranks = rk.T
-    if (ranks >= e).any():
-        raise TraceError("an expert id out of range")
+    place[:, loc] = col  # rows of mode 1 are sorted by _finish
     hits, _ = _maps(buf, pos, rows, k)
     at = place.astype(np.int32 if k * rows < 1 << 31 else np.int64)
     at *= rows
     at += np.arange(rows, dtype=at.dtype)
-    hits = hits.ravel()[at]
+    return _Chunk(records, order, layers, starts, counts, modes, inv, ranks, keep, hits.ravel()[at])
+
+
+@dataclass
+class _Chunk:
+    """A decoded version 2 chunk whose mode 1 rows lack their kept ranks (BIG there)."""
+
+    records: np.ndarray
+    order: np.ndarray  # recorded row -> place in the chunk's rows (grouped by layer)
+    layers: np.ndarray
+    starts: np.ndarray  # the first row of each layer
+    counts: np.ndarray
+    modes: np.ndarray
+    inv: np.ndarray  # per layer: rank -> id
+    ranks: np.ndarray  # k x rows: each row's ranks (mode 1: new ranks, ascending, then BIG)
+    keep: np.ndarray  # k x rows: the keep maps of mode 1 rows
+    hits: np.ndarray  # k x rows: the hit flag of each place of ``ranks``
+
+    def loc_rows(self) -> np.ndarray:
+        """The rows of mode 1 layers."""
+        lay = np.flatnonzero(self.modes)
+        return np.concatenate(
+            [np.arange(self.starts[i], self.starts[i] + self.counts[i]) for i in lay]
+        )
+
+
+BATCH = 16  # chunks whose mode 1 rows are resolved together (one row of each layer per step)
+
+
+def _finish(batch: list[_Chunk], k: int, e: int, per: dict) -> None:
+    """Resolve the kept ranks of ``batch``'s mode 1 rows, then add every row to ``per`` as
+    ascending ids with their hit flags."""
+    loc = [(c, c.loc_rows()) for c in batch if c.modes.any()]
+    if loc:  # a row = the kept ranks of its layer's previous row, and its new ranks
+        rk = np.concatenate([_rows(c.ranks, rows) for c, rows in loc])
+        keep = np.concatenate([_rows(c.keep, rows) for c, rows in loc])
+        counts = np.concatenate([c.counts[c.modes == 1] for c, _ in loc])
+        by = np.argsort(-counts, kind="stable")  # layers with the most rows first
+        starts = (np.cumsum(counts) - counts)[by]
+        active = counts[by]
+        state = np.full((len(counts), k), BIG, rk.dtype)
+        for i in range(int(active[0])):
+            m = int(np.searchsorted(-active, -i, side="left"))  # layers with > i rows
+            r = starts[:m] + i
+            both = np.concatenate([np.where(keep[r], state[:m], BIG), rk[r]], axis=1)
+            both.sort(axis=1)
+            state[:m] = rk[r] = both[:, :k]
+        at = 0
+        for c, rows in loc:
+            c.ranks[:, rows] = rk[at : at + len(rows)].T
+            at += len(rows)
+    for c in batch:
+        _ids(c, k, e, per)
+
+
+def _rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``rows`` of a k x rows array, as rows x k."""
+    a = np.ascontiguousarray(a.T)  # a transposed copy, then whole rows: far faster than columns
+    return a if len(rows) == len(a) else a[rows]
+
+
+def _ids(c: _Chunk, k: int, e: int, per: dict) -> None:
+    ranks, rows = c.ranks, c.ranks.shape[1]
+    if (ranks >= e).any():
+        raise TraceError("an expert id out of range")
     key = np.empty((k, rows), np.uint16 if e <= 1 << 15 else np.uint32)
-    bounds = [*starts.tolist(), rows]
-    for i in range(nl):
+    bounds = [*c.starts.tolist(), rows]
+    for i in range(len(c.layers)):
         part = slice(bounds[i], bounds[i + 1])
-        np.take(inv[i], ranks[:, part], out=key[:, part])
+        np.take(c.inv[i], ranks[:, part], out=key[:, part])
     key <<= 1
-    key |= hits
+    key |= c.hits
     _sort_columns(key)  # the reader's rows are in ascending id order
     key = np.ascontiguousarray(key.T)
     ids, hits = (key >> 1).astype(np.uint16), (key & 1).astype(bool)
-    _add_rows(per, records, order, layers, starts, ids, hits)
+    _add_rows(per, c.records, c.order, c.layers, c.starts, ids, hits)
 
 
 def _sort_columns(a: np.ndarray) -> None:

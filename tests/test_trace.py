@@ -155,7 +155,8 @@ def _layer_modes(sections: list[bytes], nlayers: int) -> list[int]:
 
 def test_version2_round_trip_locality_head_and_prefill(tmp_path, monkeypatch):
     """Layer 0 has locality (its chunks use keep masks), layer 1 skew (a head bitmap), layer 3
-    uniform routing; a multi-token first call, hits, zero-row calls, many chunks."""
+    uniform routing; a multi-token first call, hits, zero-row calls, many chunks, read in
+    batches."""
     rng = np.random.default_rng(2)
     steps, experts, k = 400, 64, 4
     routes = {
@@ -165,6 +166,7 @@ def test_version2_round_trip_locality_head_and_prefill(tmp_path, monkeypatch):
     }
     hits = {layer: rng.random(r.shape) < 0.6 for layer, r in routes.items()}
     monkeypatch.setattr(trace_mod, "CHUNK_IDS", 1200)  # ~4 chunks
+    monkeypatch.setattr(trace_mod, "BATCH", 3)  # read in batches of 3 chunks
     path = tmp_path / "t.fmt"
     with TraceWriter(path, num_layers=4, num_experts=experts, top_k=k, meta={}) as w:
         for step in range(steps):
