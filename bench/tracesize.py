@@ -59,23 +59,30 @@ def entropy_bounds(routes: np.ndarray, experts: int) -> tuple[float, float, floa
     return marginal, count, previous
 
 
-def write(path: Path, routes: list[np.ndarray], experts: int, meta: dict) -> list[float]:
+def write(
+    path: Path, routes: list[np.ndarray], experts: int, meta: dict, pace: float = 0.0
+) -> tuple[list[float], list[float]]:
     """Record ``routes`` one token and layer per call, with a hit mask made as the runtime makes
     it (``bank.table[experts] >= 0``; an empty bank: all misses, as ``design_trace`` records):
-    the seconds of each call."""
+    the seconds of each call, and of each token (its calls, then ``pace`` seconds of sleep: a
+    stand-in for the decode step, which leaves the GIL to the writer thread as MLX does)."""
     from ..runtime.trace import TraceWriter
 
     layers, (tokens, k) = len(routes), routes[0].shape
     table = np.full(experts, -1, np.int32)
-    times = []
+    times, per_token = [], []
     with TraceWriter(path, num_layers=layers, num_experts=experts, top_k=k, meta=meta) as w:
         for t in range(tokens):
+            start = time.perf_counter()
             for layer in range(layers):
                 ids = routes[layer][t : t + 1]
                 t0 = time.perf_counter()
                 w.record(layer, ids, table[ids] >= 0)
                 times.append(time.perf_counter() - t0)
-    return times
+            if pace:
+                time.sleep(pace)
+            per_token.append(time.perf_counter() - start)
+    return times, per_token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--keep", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("tracesize.fmt"))
+    p.add_argument(
+        "--pace-ms", type=float, default=0.0, help="sleep after each token (a decode step)"
+    )
     args = p.parse_args(argv)
     from ..runtime.trace import read_trace
 
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = args.keep if args.kind == "locality" else 0.0
         routes = sticky_routes(np.random.default_rng(5), args.tokens, experts, k, keep, args.layers)
         meta = {"kind": args.kind, "keep": keep}
-    times = np.array(write(args.out, routes, experts, meta))
+    times, per_token = map(np.array, write(args.out, routes, experts, meta, args.pace_ms / 1e3))
     t0 = time.perf_counter()
     read_trace(args.out)
     read = time.perf_counter() - t0
@@ -115,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"record(): {times.mean() * 1e6:.1f} us per call on average (median "
-        f"{np.median(times) * 1e6:.1f} us, slowest {times.max() * 1e3:.0f} ms: a chunk); "
+        f"{np.median(times) * 1e6:.1f} us, slowest {times.max() * 1e3:.1f} ms); "
         f"read_trace {read:.1f} s"
+    )
+    print(
+        f"per token (its {args.layers} calls + {args.pace_ms:g} ms paced): median "
+        f"{np.median(per_token) * 1e3:.2f} ms, slowest {per_token.max() * 1e3:.1f} ms"
     )
     return 0
 
