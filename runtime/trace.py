@@ -3,12 +3,13 @@
 A trace is what a bank policy is judged on (``flashmoe-bench policy``). The writer is called from
 the decode hot path, so ``record`` only copies the two small arrays into a buffer; every ~1 M ids
 the buffer is handed to one background thread, which encodes and compresses it (zstandard) as one
-chunk and writes it. At most ``PENDING`` chunks wait for that thread (``record`` blocks for another),
-so a crash loses the rows buffered and at most ``PENDING`` chunks. The format is in ``layouts/FORMAT.md`` ("Routing traces"); version 2 (written), per
-chunk, groups the rows by layer and relabels each layer's ids by frequency: the popular ids of a
-row are a bitmap, the others byte-coded gaps, and where consecutive rows share ids beyond
-popularity, a row stores which ids of the previous row it keeps. Version 1 (still read) stores
-each row's sorted ids delta-coded as uint16 byte planes.
+chunk and writes it. At most ``PENDING`` chunks wait for that thread (``record`` blocks for
+another), so a crash loses the rows buffered and at most ``PENDING`` chunks. The format is in
+``layouts/FORMAT.md`` ("Routing traces"); version 2 (written), per chunk, groups the rows by layer
+and relabels each layer's ids by frequency: the popular ids of a row are a bitmap, the others
+byte-coded gaps, and where consecutive rows share ids beyond popularity, a row stores which ids of
+the previous row it keeps. Version 1 (still read) stores each row's sorted ids delta-coded as
+uint16 byte planes.
 
 Ids inside a row are stored sorted (the router's order carries no meaning; hits follow their ids).
 A step is one call per layer: a new step starts when a layer id is not greater than the previous
