@@ -4,7 +4,8 @@ A layer spanning shards A and B is the expert slices in A plus those in B (whole
 or per-expert tensors). ``write_part`` puts one shard's slices into their records of
 ``<layer>.partial`` as soon as that shard is here (A can then leave the cache before B arrives);
 ``finish_part`` adds the last shard's slices, hashes every whole record (the earlier parts read
-back from the file) and commits the file. Same bytes and checksums as ``write_layer``.
+back from the file) and writes the whole records back (direct I/O, as ``write_layer``), then
+commits the file. Same bytes and checksums as ``write_layer``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 from ..layouts import Component
 from .errors import ConvertError
-from .fileio import finish, open_for_write, preadv_full, pwrite_full
+from .fileio import aligned_buffer, finish, open_direct, open_for_write, preadv_full, pwrite_full
 from .safetensors_source import TensorInfo
 from .writers import Progress, _check, batch_experts, component_sources
 
@@ -109,12 +110,12 @@ def finish_part(
     """Write the last shard's ``slices`` into ``<final>.partial`` (whose other slices are
     written) and commit it as ``final``; the sha256 of every record's expert bytes."""
     partial = final.with_name(final.name + ".partial")
-    buf = memoryview(bytearray(batch_experts(rec, False) * rec))
+    buf = aligned_buffer(batch_experts(rec, False) * rec)
     checksums: list[str] = []
     with ExitStack() as stack:
         fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         stack.callback(os.close, fd_in)
-        fd = os.open(partial, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        fd = open_direct(partial, os.O_RDWR)
         try:
             for first, count, part in _batches(slices, num_experts, len(buf) // rec):
                 _check(stop)
@@ -124,7 +125,7 @@ def finish_part(
                     checksums.append(
                         hashlib.sha256(buf[i * rec : i * rec + expert_bytes]).hexdigest()
                     )
-                _write(fd, buf, part, first, rec)
+                pwrite_full(fd, buf[: count * rec], first * rec)  # whole records: aligned
                 progress(sum(s.nbytes for s in part))
         except BaseException:
             os.close(fd)

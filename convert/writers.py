@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..layouts import Component
 from .errors import ConvertError
-from .fileio import finish, open_for_write, preadv_full, pwrite_full
+from .fileio import aligned_buffer, finish, open_for_write, preadv_full, pwrite_full
 from .safetensors_source import TensorInfo
 
 Progress = Callable[[int], None]
@@ -124,13 +124,13 @@ def write_layer(
     expert_bytes = sum(c.nbytes for c in components)
     slow = float(os.environ.get(SLOW_ENV) or 0)
     batch = batch_experts(record_size, bool(slow))
-    buf = memoryview(bytearray(batch * record_size))  # padding bytes stay zero: never written
+    buf = aligned_buffer(batch * record_size)  # padding bytes stay zero: never written
     partial = final.with_name(final.name + ".partial")
     checksums: list[str] = []
     sources = component_sources(tensors, components, num_experts)
     with ExitStack() as stack:
         fds = _open_sources(stack, src_dir, sources)
-        out = open_for_write(partial, num_experts * record_size)
+        out = open_for_write(partial, num_experts * record_size, direct=True)
         try:
             for first in range(0, num_experts, batch):
                 _check(stop)

@@ -52,3 +52,39 @@ def test_commit_renames_a_file_written_through_its_fd(tmp_path):
     assert final.read_bytes() == b"record" and not temp.exists()
     with pytest.raises(OSError):
         os.fstat(fd)  # closed
+
+
+def test_converter_direct_writes_fall_back_when_unaligned(tmp_path):
+    """flashmoe.convert.fileio: a layer file opened for direct I/O takes aligned records straight
+    to disk; an unaligned write or read on it (refused by the kernel) is done the ordinary way."""
+    import fcntl
+
+    from flashmoe.convert import fileio
+
+    def is_direct(fd: int) -> bool:
+        return bool(fileio.DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & fileio.DIRECT)
+
+    path = tmp_path / "layer.bin"
+    fd = fileio.open_for_write(path, 4 * 4096, direct=True)
+    try:
+        opened_direct = is_direct(fd)  # Linux on a filesystem with direct I/O
+        records = fileio.aligned_buffer(2 * 4096)
+        records[:] = os.urandom(2 * 4096)
+        fileio.pwrite_full(fd, records, 4096)
+        assert is_direct(fd) == opened_direct  # aligned: written directly
+        odd = memoryview(bytearray(os.urandom(5001)))[1:]  # unaligned address and length
+        fileio.pwrite_full(fd, odd, 3 * 4096 + 10)
+        assert not is_direct(fd)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:4096] == bytes(4096) and data[4096 : 3 * 4096] == records
+    assert data[3 * 4096 + 10 :] == odd
+
+    fd = os.open(path, os.O_RDONLY | fileio.DIRECT)
+    try:
+        back = memoryview(bytearray(5001))[1:]
+        fileio.preadv_full(fd, [back], 3 * 4096 + 10, path)
+        assert back == odd and not is_direct(fd)
+    finally:
+        os.close(fd)
