@@ -46,7 +46,7 @@ from .safetensors_source import INDEX_JSON, Checkpoint, TensorInfo, open_checkpo
 from .source import ALLOW_PATTERNS, Source, aux_files
 from .state import ConversionState, write_index
 from .stream_parts import Slice, compare_part, finish_part, shard_slices, write_part
-from .writers import CHUNK, compare_layer, copy_file, dense_header, write_layer
+from .writers import CHUNK, _check, compare_layer, copy_file, dense_header, write_layer
 
 SMALL_PATTERNS = [p for p in ALLOW_PATTERNS if not p.endswith(".safetensors")]
 
@@ -104,7 +104,8 @@ def _forwarding_tqdm(bar):
 
 
 class DenseWriter:
-    """The dense file, filled shard by shard at the tensors' final offsets, hashed at the end."""
+    """The dense file, filled shard by shard at the tensors' final offsets, hashed once the last
+    shard's tensors are in (by the job that wrote them, beside that shard's layer jobs)."""
 
     def __init__(self, out: Path, tensors: list[TensorInfo], state: ConversionState) -> None:
         self.tensors = sorted(tensors, key=lambda t: t.name)
@@ -126,12 +127,26 @@ class DenseWriter:
             self.fd = open_for_write(self.partial, self.size)
             pwrite_full(self.fd, memoryview(self.head), 0)
         self.pending = shards - self.done
+        self.buf = memoryview(bytearray(CHUNK))
+        self.sha256: str | None = None
 
-    def write_shard(self, src_dir: Path, shard: str, progress) -> None:
-        buf = memoryview(bytearray(CHUNK))
+    def job(self, src_dir: Path, shard: str):
+        """``write_shard`` as a ``_run_parallel`` job; the one that writes the last pending shard
+        also hashes the file, so the hash runs beside the last shard's layer jobs, not after."""
+
+        def run(progress, stop) -> None:
+            self.write_shard(src_dir, shard, progress, stop)
+            if not self.pending:
+                self.sha256 = self._hash(stop)
+
+        return run
+
+    def write_shard(self, src_dir: Path, shard: str, progress, stop=None) -> None:
+        buf = self.buf
         fd = os.open(src_dir / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             for t in (t for t in self.tensors if t.file == shard):
+                _check(stop)
                 pos = self.offsets[t.name]
                 for start in range(t.start, t.end, CHUNK):
                     n = min(CHUNK, t.end - start)
@@ -145,14 +160,25 @@ class DenseWriter:
         self.state.mark_part(f"dense/{shard}")
         self.pending.discard(shard)
 
-    def finish(self) -> dict:
+    def _hash(self, stop=None) -> str:
         digest = hashlib.sha256()
-        with open(self.partial, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
+        fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for pos in range(0, self.size, CHUNK):
+                _check(stop)
+                n = min(CHUNK, self.size - pos)
+                preadv_full(fd, [self.buf[:n]], pos, self.partial)
+                digest.update(self.buf[:n])
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
+
+    def finish(self) -> dict:
+        """Commit the file (every shard written); its record."""
+        sha = self.sha256 or self._hash()  # not hashed yet if an earlier run wrote every shard
         fd, self.fd = self.fd, -1
         finish(fd, self.partial, self.final)  # closes fd
-        return {"sha256": digest.hexdigest(), "size": self.size}
+        return {"sha256": sha, "size": self.size}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -376,13 +402,12 @@ class _Job:
                     more = i + 1 < len(order)
                     prefetch = _Prefetch(self._fetch, order[i + 1], bar) if more else None
                     jobs = [self._layer_job(e, shard, kind, verify) for e, kind, _ in work[shard]]
-                    for (entry, kind, _), record in zip(
-                        work[shard], _run_parallel(jobs, workers, bar), strict=True
-                    ):
+                    # the dense job first: the last one hashes the file, the longest single job
+                    first = [dense.job(snap, shard)] if dense and shard in dense.pending else []
+                    results = _run_parallel(first + jobs, workers, bar)[len(first) :]
+                    for (entry, kind, _), record in zip(work[shard], results, strict=True):
                         if kind != "part":
                             records[layer_file(entry.layer)] = record
-                    if dense and shard in dense.pending:
-                        dense.write_shard(snap, shard, bar.update if bar else lambda n: None)
                     self._release(shard, keep_source)
             finally:
                 if bar is not None:
