@@ -79,20 +79,29 @@ def write_part(
     stop: threading.Event | None = None,
 ) -> None:
     """Write ``slices`` (all from the shard ``src``) into their records of ``partial``, created
-    at its full size if missing; durable on return."""
-    buf = memoryview(bytearray(batch_experts(rec, False) * rec))
+    at its full size if missing; durable on return.
+
+    The part that creates the file writes whole records (direct I/O, as ``write_layer``): where
+    the other shards' slices go, they hold what the staging buffer held, which those shards'
+    parts overwrite (padding is never staged: it stays zero). Later parts write their slices.
+    """
+    buf = aligned_buffer(batch_experts(rec, False) * rec)
     with ExitStack() as stack:
         fd_in = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         stack.callback(os.close, fd_in)
-        if partial.exists():
-            fd = os.open(partial, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        whole = not partial.exists()
+        if whole:
+            fd = open_for_write(partial, num_experts * rec, direct=True)
         else:
-            fd = open_for_write(partial, num_experts * rec)
+            fd = os.open(partial, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         stack.callback(os.close, fd)
-        for first, _, part in _batches(slices, num_experts, len(buf) // rec):
+        for first, count, part in _batches(slices, num_experts, len(buf) // rec):
             _check(stop)
             _read(fd_in, buf, part, first, rec, src)
-            _write(fd, buf, part, first, rec)
+            if whole:
+                pwrite_full(fd, buf[: count * rec], first * rec)
+            else:
+                _write(fd, buf, part, first, rec)
             progress(sum(s.nbytes for s in part))
         os.fsync(fd)  # before the part is recorded as done
 
