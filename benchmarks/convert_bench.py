@@ -254,7 +254,8 @@ for name in sys.argv[3:]:
         os.unlink(os.path.realpath(path))
         os.unlink(path)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": time.perf_counter() - t, "cpu": ru.ru_utime + ru.ru_stime}))
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": ru.ru_utime + ru.ru_stime,
+                  "user": ru.ru_utime, "sys": ru.ru_stime}))
 """
 
 HUB_CONVERT = """
@@ -266,7 +267,8 @@ elapsed = time.perf_counter() - t
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
 ru = resource.getrusage(resource.RUSAGE_SELF)
 cpu = ru.ru_utime + ru.ru_stime
-print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1]), "cpu": cpu}))
+print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1]), "cpu": cpu,
+                  "user": ru.ru_utime, "sys": ru.ru_stime}))
 """
 
 
@@ -318,25 +320,34 @@ def hub_main(args: argparse.Namespace) -> None:
             if r.returncode:
                 raise SystemExit(f"{argv}: {r.stderr.strip().splitlines()[-1:]}")
             shutil.rmtree(out, ignore_errors=True)
-            return json.loads(r.stdout.strip().splitlines()[-1])
+            return {**json.loads(r.stdout.strip().splitlines()[-1]), "load": os.getloadavg()[0]}
 
         ref = "download alone, each shard deleted once fetched"
         times: dict[str, list[float]] = {"download alone, shards kept": [], ref: []}
         cpu: dict[str, list[float]] = {}
+        split: dict[str, list[tuple[float, float]]] = {}  # (user, sys) per run
+        load: list[float] = []  # 1-minute load average after each run
         rss: dict[str, int] = {}
         for _ in range(args.repeat):
             for name, mode in zip(list(times), ("keep", "delete"), strict=False):
                 r = child(DOWNLOAD, [HUB_REPO, mode, *shards])
                 times[name].append(r["seconds"])
                 cpu.setdefault(name, []).append(r["cpu"])
+                split.setdefault(name, []).append((r["user"], r["sys"]))
+                load.append(r["load"])
             for label, path in variants.items():
                 name = f"convert {label}"
                 argv = [HUB_REPO, str(out), str(args.workers[0])]
                 r = child(HUB_CONVERT, argv, path)
                 times.setdefault(name, []).append(r["seconds"])
                 cpu.setdefault(name, []).append(r["cpu"])
+                split.setdefault(name, []).append((r["user"], r["sys"]))
+                load.append(r["load"])
                 rss[name] = max(rss.get(name, 0), r["peak_rss_kb"])
             print(" ".join(f"{n}: {t[-1]:.1f} s" for n, t in times.items()), flush=True)
+            print(
+                f"  load average after each run: {' '.join(f'{x:.2f}' for x in load[-len(times) :])}"
+            )
         rows = []
         for name, seconds in times.items():
             ratios = [a / b for a, b in zip(times[ref], seconds, strict=True)]
@@ -351,6 +362,7 @@ def hub_main(args: argparse.Namespace) -> None:
                     "median_ratio_to_download": float(np.median(ratios)),
                     "peak_rss_MB": rss[name] / 1024 if name in rss else None,
                     "client_cpu_seconds": cpu[name],
+                    "client_user_sys_seconds": split[name],
                 }
             )
             print(
@@ -358,12 +370,15 @@ def hub_main(args: argparse.Namespace) -> None:
                 f"{total / med / 1e6:6.0f} MB/s  ratio to the download (deleted) "
                 f"{rows[-1]['median_ratio_to_download']:.2f} "
                 f"({' '.join(f'{r:.2f}' for r in ratios)}); client CPU "
-                f"{float(np.median(cpu[name])):.1f} s",
+                f"{float(np.median(cpu[name])):.1f} s (user "
+                f"{float(np.median([u for u, _ in split[name]])):.1f}, sys "
+                f"{float(np.median([s for _, s in split[name]])):.1f})",
                 flush=True,
             )
+        print(f"load average (1 min) after the runs: {min(load):.2f}-{max(load):.2f}")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            result = {"checkpoint_bytes": total, "layers": args.layers, "rows": rows}
+            result = {"checkpoint_bytes": total, "layers": args.layers, "rows": rows, "load": load}
             args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         hub.stop()
