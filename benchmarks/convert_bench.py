@@ -272,6 +272,13 @@ print(json.dumps({"seconds": elapsed, "peak_rss_kb": int(hwm.split()[1]), "cpu":
 """
 
 
+PREFETCH = """
+import sys
+from huggingface_hub import snapshot_download
+snapshot_download(sys.argv[1])
+"""
+
+
 def put_sparse_checkpoint(hub, repo: str, src: Path) -> None:
     """Commit ``src`` (``write_checkpoint(sparse=True)``) to ``repo`` on the emulator: each shard
     its header and a hole (``HubEmulator.put_sparse_file``), the small files as they are."""
@@ -311,11 +318,21 @@ def hub_main(args: argparse.Namespace) -> None:
         base.update(HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_XET="1", PYTHONWARNINGS="ignore")
         base.pop("HF_HUB_OFFLINE", None)
 
-        def child(code: str, argv: list[str], python: str = sys.executable) -> dict:
+        cached = args.dir / "hf-cached"  # --cached: every shard in this Hub cache already
+        env_cached = {**base, "HF_HOME": str(cached), "HF_HUB_CACHE": str(cached / "hub")}
+        if args.cached:
+            subprocess.run([sys.executable, "-c", PREFETCH, HUB_REPO], env=env_cached, check=True)
+
+        def child(code: str, argv: list[str], python: str = sys.executable, env=None) -> dict:
             shutil.rmtree(home, ignore_errors=True)
             drop_caches(args.dir / "hub-server")
+            if env is env_cached:  # as if just downloaded: the shards in the page cache
+                for blob in (cached / "hub").rglob("blobs/*"):
+                    with open(blob, "rb") as f:
+                        while f.read(16 << 20):
+                            pass
             r = subprocess.run(
-                [python, "-c", code, *argv], env=base, capture_output=True, text=True
+                [python, "-c", code, *argv], env=env or base, capture_output=True, text=True
             )
             if r.returncode:
                 raise SystemExit(f"{argv}: {r.stderr.strip().splitlines()[-1:]}")
@@ -344,6 +361,13 @@ def hub_main(args: argparse.Namespace) -> None:
                 split.setdefault(name, []).append((r["user"], r["sys"]))
                 load.append(r["load"])
                 rss[name] = max(rss.get(name, 0), r["peak_rss_kb"])
+            for label, path in variants.items() if args.cached else ():
+                name = f"convert {label}, shards cached (the repack alone)"
+                r = child(HUB_CONVERT, [HUB_REPO, str(out), str(args.workers[0])], path, env_cached)
+                for d, v in ((times, r["seconds"]), (cpu, r["cpu"])):
+                    d.setdefault(name, []).append(v)
+                split.setdefault(name, []).append((r["user"], r["sys"]))
+                load.append(r["load"])
             print(" ".join(f"{n}: {t[-1]:.1f} s" for n, t in times.items()), flush=True)
             print(
                 f"  load average after each run: {' '.join(f'{x:.2f}' for x in load[-len(times) :])}"
@@ -478,6 +502,11 @@ def main() -> None:
     ap.add_argument("--hub", action="store_true", help="streamed from the Hub emulator")
     ap.add_argument(
         "--variant", action="append", help="--hub: LABEL=PYTHON, an interpreter to convert with"
+    )
+    ap.add_argument(
+        "--cached",
+        action="store_true",
+        help="--hub: also convert each variant with every shard already in the Hub cache",
     )
     ap.add_argument("--plan", action="store_true", help="time --plan of a many-shard Hub repo")
     ap.add_argument("--shards", type=int, default=100, help="--plan: shards of the repo")
