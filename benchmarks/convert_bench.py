@@ -321,7 +321,8 @@ def hub_main(args: argparse.Namespace) -> None:
         cached = args.dir / "hf-cached"  # --cached: every shard in this Hub cache already
         env_cached = {**base, "HF_HOME": str(cached), "HF_HUB_CACHE": str(cached / "hub")}
         if args.cached:
-            subprocess.run([sys.executable, "-c", PREFETCH, HUB_REPO], env=env_cached, check=True)
+            quiet = {**env_cached, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            subprocess.run([sys.executable, "-c", PREFETCH, HUB_REPO], env=quiet, check=True)
 
         def child(code: str, argv: list[str], python: str = sys.executable, env=None) -> dict:
             shutil.rmtree(home, ignore_errors=True)
