@@ -127,7 +127,8 @@ class CudaDevice:
         self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._stream))
 
 
-def _on_cuda() -> bool:
+def on_cuda() -> bool:
+    """Whether MLX computes on a CUDA GPU here (its default device)."""
     cuda = getattr(mx, "cuda", None)
     try:
         return cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu
@@ -173,7 +174,7 @@ def detect(sample: mx.array | None = None) -> tuple[CudaDevice, str] | None:
         raise ValueError(f"FLASHMOE_CUDA_RESIDENCY={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "off":
         return None
-    if not _on_cuda():
+    if not on_cuda():
         if sys.platform == "linux":
             fix = shadowed_cuda_build()
             if fix:

@@ -15,7 +15,7 @@ land in the bank), 0 expert arrays built. A step whose experts are all resident 
 request machinery (``ExpertStore.resident_slots``: one table lookup). With misses and hits, the
 hits are computed while the misses are read (``hits_first``); the expert output is handed to MLX
 for evaluation at once (``ExpertStore.eager``), so the GPU computes it while Python builds the
-rest of the step, and on a GPU so are the outputs of the layer's attention and norms
+rest of the step, and on CUDA so are the outputs of the layer's attention and norms
 (``commit_early``), so that the router sync waits for the router alone. With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting.

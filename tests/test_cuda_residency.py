@@ -81,7 +81,7 @@ class CopyingReader(PythonReader):
 
 @pytest.fixture
 def host_device(monkeypatch):
-    if cuda._on_cuda():
+    if cuda.on_cuda():
         pytest.skip("CPU stand-in for the driver; test_staged_on_cuda runs the real one")
     device = HostDevice()
     monkeypatch.setattr(cuda, "detect", lambda sample=None: (device, "staged"))
@@ -89,7 +89,7 @@ def host_device(monkeypatch):
 
 
 def test_detect_is_none_off_cuda(monkeypatch):
-    if cuda._on_cuda():
+    if cuda.on_cuda():
         pytest.skip("this machine runs MLX on CUDA")
     assert cuda.detect() is None
     monkeypatch.setenv("FLASHMOE_CUDA_RESIDENCY", "sideways")
@@ -159,7 +159,7 @@ def test_failed_copy_leaves_no_valid_slot(layout, host_device):
     assert (bank.table == -1).all() and len(bank.free) == bank.slots
 
 
-@pytest.mark.skipif(not cuda._on_cuda(), reason="needs MLX on a CUDA GPU")
+@pytest.mark.skipif(not cuda.on_cuda(), reason="needs MLX on a CUDA GPU")
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("mode", ["staged", "prefetch"])
 @pytest.mark.parametrize(
