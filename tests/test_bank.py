@@ -79,3 +79,28 @@ def test_fence_evaluates_pending_work_before_a_slot_is_overwritten():
     view[:] = np.full(view.nbytes // 4, 11, dtype=np.uint32).tobytes()
     assert (np.array(unfenced) == 11).all()
     mx.eval(bank.arrays)
+
+
+def test_resident_slots_keeps_the_books_of_request(layout):
+    """The all-hit fast path counts and touches exactly as a request without misses does."""
+    import numpy as np
+    from flashmoe.runtime import load
+
+    _, out = layout("qwen3_5_moe")
+    stores = [load(str(out), bank_experts=8)[0].flashmoe.store for _ in range(2)]
+    layer = min(stores[0].banks)
+    for store in stores:
+        store.ensure(layer, list(range(8)))
+        store.stats.reset()
+    calls = [np.array([[[3, 1, 5, 0]]]), np.array([[[7, 2, 1, 6]], [[2, 4, 3, 7]]])]
+    for experts in calls:
+        slots = stores[0].resident_slots(layer, experts)
+        pending = stores[1].request(layer, np.unique(experts).tolist())
+        assert not pending.misses
+        assert np.array_equal(np.array(slots), np.array(pending.slot_ids(experts)))
+    a, b = (s.stats for s in stores)
+    assert (a.calls, a.hits, a.misses) == (b.calls, b.hits, b.misses) == (2, 4 + 6, 0)
+    policies = [s.banks[layer].policy for s in stores]
+    assert policies[0]._count == policies[1]._count  # LFU: the same counts
+    assert policies[0].victims(3, set()) == policies[1].victims(3, set())
+    assert stores[0].resident_slots(layer, np.array([[[9, 1, 2, 3]]])) is None  # 9 not resident
