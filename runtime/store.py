@@ -465,7 +465,7 @@ class ExpertStore:
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading the guessed ``experts`` of ``layer`` that are not resident; don't wait.
 
-        Guesses take slots like misses (least recently used first, never a guessed expert);
+        Guesses take slots like misses (evicted by the bank policy, never a guessed expert);
         at most half the bank is guessed. ``request(layer, ...)`` waits for the guesses it uses
         before it touches them. Only residency changes: what is computed never does.
         """
