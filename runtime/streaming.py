@@ -84,6 +84,7 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
     the number of modules changed.
     """
     wanted = {id(b) for b in blocks}
+    made: dict[type, type] = {}  # one subclass per class
     changed = 0
     for _, module in model.named_modules():
         children = module.children()
@@ -91,17 +92,17 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
             continue
         for child in children.values():
             if isinstance(child, nn.Module) and id(child) not in wanted:
-                child.__class__ = _committing_class(type(child), store)
+                cls = type(child)
+                if getattr(cls, "_flashmoe_commits", None) is not store:
+                    if cls not in made:
+                        made[cls] = _committing_class(cls, store)
+                    child.__class__ = made[cls]
                 changed += 1
     return changed
 
 
 def _committing_class(cls: type, store: ExpertStore) -> type:
-    if getattr(cls, "_flashmoe_commits", None) is store:
-        return cls
-    made = store.__dict__.setdefault("_committing_classes", {})  # one subclass per class
-    if cls in made:
-        return made[cls]
+    """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once."""
 
     def __call__(self, *args, **kwargs):
         out = cls.__call__(self, *args, **kwargs)
@@ -111,8 +112,7 @@ def _committing_class(cls: type, store: ExpertStore) -> type:
                 mx.async_eval(out)
         return out
 
-    made[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_flashmoe_commits": store})
-    return made[cls]
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_flashmoe_commits": store})
 
 
 def streaming_of(module) -> StreamingSwitchGLU | None:
