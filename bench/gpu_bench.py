@@ -51,10 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hits-first", default="on", help="hits-first settings to compare: on,off")
     p.add_argument(
         "--eager",
-        default="on",
-        help="decode steps' work handed to MLX as soon as built: on (expert output and the "
-        "decoder layers' other modules), experts (expert output only), off (all at the next "
-        "sync); e.g. on,experts,off",
+        default="presync",
+        help="decode steps' work handed to MLX as soon as built: presync (as on, and the "
+        "experts launched before the router sync), on (expert output and the decoder layers' "
+        "other modules), experts (expert output only), off (all at the next sync); e.g. "
+        "presync,on,experts,off",
     )
     p.add_argument("--policies", default="lfu", help="bank policies to compare, e.g. lfu,lru")
     p.add_argument("--io-threads", type=int, default=16)
@@ -281,7 +282,7 @@ def run(args) -> int:
 
 def _measure(
     args, root, bank, split, cold, prompt, ref_logits, stock_ids, load, files, index, prefetch,
-    hits_first=True, eager="on", policy="lfu",
+    hits_first=True, eager="presync", policy="lfu",
 ):  # fmt: skip
     import mlx.core as mx
 
@@ -382,21 +383,22 @@ def _measure(
     return out
 
 
-EAGER = ("on", "experts", "off")
+EAGER = ("presync", "on", "experts", "off")
 
 
 def _eager_label(mode) -> str:
     # rows of older JSON files hold a bool (True: the expert output only)
     if isinstance(mode, bool):
         mode = "experts" if mode else "off"
-    return {"on": "eager", "experts": "eager-x", "off": "lazy"}[mode]
+    return {"presync": "presync", "on": "eager", "experts": "eager-x", "off": "lazy"}[mode]
 
 
 def _set_eager(store, mode: str) -> None:
     if mode not in EAGER:
         raise BenchError(f"--eager takes {', '.join(EAGER)}, not {mode!r}")
     store.eager = mode != "off"
-    store.eager_layers = mode == "on"
+    store.eager_layers = mode in ("presync", "on")
+    store.presync = mode == "presync"
 
 
 def _row(r: dict) -> list:

@@ -121,9 +121,13 @@ class ExpertBank:
         return len(self.free) == 0 and self.slots == self.table.size
 
     def device_table(self) -> mx.array:
-        """The expert -> slot table as an MLX array (for mapping ids without a sync)."""
+        """The expert -> slot table as an MLX array (for mapping ids without a sync).
+
+        An absent expert maps to slot 0, so that a lookup is always a valid index: a
+        computation over an absent expert's id reads some resident expert and is discarded.
+        """
         if self._device_table is None:
-            self._device_table = mx.array(self.table.astype(np.uint32))
+            self._device_table = mx.array(np.maximum(self.table, 0).astype(np.uint32))
         return self._device_table
 
     def slot_buffers(self, slot: int) -> tuple[memoryview, ...]:

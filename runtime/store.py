@@ -207,6 +207,10 @@ class ExpertStore:
         # wait per token over 4 layers). MLX's CPU backend gains nothing; Metal already commits
         # command buffers during a long eval, so there it would mostly add commits (unmeasured).
         self.eager_layers = cuda.on_cuda()
+        # And a decode token's experts are launched before its router sync, over the bank's
+        # device table (``slots_before_sync``); the sync then only confirms they were all
+        # resident. On CUDA only, where it was measured.
+        self.presync = cuda.on_cuda()
         from ..metal.policies import make_policy
 
         make_policy(policy)  # refuses an unknown name now, not at the first bank
@@ -324,24 +328,44 @@ class ExpertStore:
         self.stats.hits += indices.shape[-1]
         return bank.device_table()[indices]
 
-    def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
-        """Slot ids of ``experts`` (any shape) when every one is resident and no read is in
-        flight for ``layer``; else None (the caller goes through ``request``).
+    def slots_before_sync(self, layer: int, indices: mx.array) -> mx.array | None:
+        """Slot ids for one token's routed ``indices`` (lazy, not synced), from the bank's
+        device table; None where that is not allowed (``presync`` off, a trace, reads in flight
+        for ``layer``, several tokens).
 
-        The bookkeeping of a ``request`` without misses, minus its machinery (no fence: nothing
-        is written), for the common decode step whose experts are all hits.
+        A computation over them may start before the router is synced: the rows of the experts
+        that turn out resident are final (``confirm_resident`` tells whether all are); an
+        absent expert's row reads slot 0 and must be discarded.
         """
-        if self.trace is not None or self._open is not None or layer in self._ahead:
+        if not self.presync or indices.size != indices.shape[-1] or not self._quiet(layer):
             return None
+        return self.banks[layer].device_table()[indices]
+
+    def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
+        """Whether every one of ``experts`` (any shape) is resident with no read in flight for
+        ``layer``; if so, books them as a ``request`` without misses would (policy, counters),
+        minus its machinery (no fence: nothing is written)."""
+        if not self._quiet(layer):
+            return False
         bank = self.banks[layer]
-        slots = bank.table[experts]
-        if (slots < 0).any():
-            return None
+        if (bank.table[experts] < 0).any():
+            return False
         unique = np.unique(experts)  # what request gets: distinct ids, in this order
         bank.policy.touch(unique.tolist())
         self.stats.calls += 1
         self.stats.hits += unique.size
-        return mx.array(slots.astype(np.uint32))
+        return True
+
+    def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
+        """Slot ids of ``experts`` (any shape) when ``confirm_resident``; else None (the caller
+        goes through ``request``). For the common decode step whose experts are all hits."""
+        if not self.confirm_resident(layer, experts):
+            return None
+        return mx.array(self.banks[layer].table[experts].astype(np.uint32))
+
+    def _quiet(self, layer: int) -> bool:
+        """No trace is written and no read is in flight for ``layer``."""
+        return self.trace is None and self._open is None and layer not in self._ahead
 
     def record(self, layer: int, routed: np.ndarray) -> None:
         """Add ``routed`` (tokens x k ids) to the routing trace, if one is being written; a hit

@@ -140,23 +140,33 @@ class StreamingSwitchGLU(nn.Module):
         if slots is not None:  # every expert resident for good: no router sync
             return glu(x, slots)
         nxt = self.next_layer
-        guess = None
+        guess = ahead = None
         stats = store.stats
         t0 = time.perf_counter()
         if nxt is not None and store.prefetch_wanted(nxt.top_k):
             # the next layer's router on this layer's input: evaluated in the same sync
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
             mx.eval(indices, guess)
+        elif (ids := store.slots_before_sync(self.layer, indices)) is not None:
+            # launch the experts before the sync: the GPU runs them right after the router
+            # while Python waits, instead of idling while Python builds them after the sync
+            mx.async_eval(indices)  # the router alone: the sync below waits for this
+            ahead = glu(x, ids)
+            mx.async_eval(ahead)
         experts = np.array(indices)  # the router sync
         t1 = time.perf_counter()
         decode = experts.ndim >= 2 and experts.shape[-2] == 1  # one position per sequence
         if decode and guess is None:
-            slots = store.resident_slots(self.layer, experts)
-            if slots is not None:  # every expert a hit
+            out = None
+            if ahead is not None:
+                if store.confirm_resident(self.layer, experts):
+                    out = ahead
+            elif (slots := store.resident_slots(self.layer, experts)) is not None:
                 out = glu(x, slots)
-                store.banks[self.layer].add_pending(out)
                 if store.eager:
                     mx.async_eval(out)
+            if out is not None:  # every expert a hit
+                store.banks[self.layer].add_pending(out)
                 stats.sync_seconds += t1 - t0
                 stats.host_seconds += time.perf_counter() - t1
                 return out
@@ -165,7 +175,7 @@ class StreamingSwitchGLU(nn.Module):
         store.record(self.layer, flat)
         unique = np.unique(flat)
         if unique.size <= store.slots:
-            out = self._compute(x, experts, unique)
+            out = self._compute(x, experts, unique, ahead)
         else:
             out = self._compute_in_groups(x, experts, flat)
         if store.eager and decode:
@@ -180,25 +190,36 @@ class StreamingSwitchGLU(nn.Module):
         stats.host_seconds += time.perf_counter() - t1 - (stats.io_seconds - io)
         return out
 
-    def _compute(self, x: mx.array, experts: np.ndarray, unique: np.ndarray) -> mx.array:
+    def _compute(
+        self, x: mx.array, experts: np.ndarray, unique: np.ndarray, ahead: mx.array | None = None
+    ) -> mx.array:
+        """``ahead``: this token's expert output launched before the sync, whose rows of
+        resident experts are final (``slots_before_sync``)."""
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
         one_token = experts.size == experts.shape[-1]
-        if pending.misses and pending.hits and store.hits_first and one_token:
-            out = self._hits_first(x, experts, pending)
+        if (
+            pending.misses
+            and pending.hits
+            and (ahead is not None or store.hits_first and one_token)
+        ):
+            out = self._hits_first(x, experts, pending, ahead)
         else:
             pending.wait()
             out = glu(x, pending.slot_ids(experts))
         pending.computed(out)
         return out
 
-    def _hits_first(self, x: mx.array, experts: np.ndarray, pending: Pending) -> mx.array:
+    def _hits_first(
+        self, x: mx.array, experts: np.ndarray, pending: Pending, ahead: mx.array | None = None
+    ) -> mx.array:
         """One token: compute its resident experts while the misses are read, then the misses.
 
         Each routed expert's row of the SwitchGLU output depends on that expert alone, so the
         two partial outputs, put back in routing order, are the rows mlx-lm computes; the
-        block's weighted sum then runs over them as usual (bit-identical).
+        block's weighted sum then runs over them as usual (bit-identical). With ``ahead`` (all
+        rows, launched before the sync) its hit rows are taken as they are.
         """
         glu = self._original.glu
         row = experts.reshape(-1)
@@ -207,13 +228,17 @@ class StreamingSwitchGLU(nn.Module):
         hit_pos = np.array([i for i, m in enumerate(flags) if not m], dtype=np.int64)
         miss_pos = np.array([i for i, m in enumerate(flags) if m], dtype=np.int64)
         lead = experts.shape[:-1]
-        out_hits = glu(x, pending.slot_ids(row[hit_pos].reshape(*lead, -1)))
-        mx.async_eval(out_hits)
+        if ahead is None:
+            ahead = glu(x, pending.slot_ids(row[hit_pos].reshape(*lead, -1)))
+            mx.async_eval(ahead)
+            order = np.argsort(np.concatenate([hit_pos, miss_pos]))
+        else:  # row i of ``ahead`` is routed expert i; a miss's row is replaced
+            order = np.arange(row.size)
+            order[miss_pos] = row.size + np.arange(miss_pos.size)
         pending.wait()
         out_misses = glu(x, pending.slot_ids(row[miss_pos].reshape(*lead, -1)))
-        order = np.argsort(np.concatenate([hit_pos, miss_pos])).astype(np.uint32)
-        both = mx.concatenate([out_hits, out_misses], axis=-2)
-        return mx.take(both, mx.array(order), axis=-2)
+        both = mx.concatenate([ahead, out_misses], axis=-2)
+        return mx.take(both, mx.array(order.astype(np.uint32)), axis=-2)
 
     def _compute_in_groups(self, x: mx.array, experts: np.ndarray, flat: np.ndarray) -> mx.array:
         """Split the tokens into groups whose expert unions fit in the bank.

@@ -160,3 +160,41 @@ def test_early_commits_are_bit_identical_and_keep_parameters(layout, monkeypatch
     stock, _ = mlx_lm.load(str(src))
     keys = {k for k, _ in tree_flatten(stock.parameters()) if "switch_mlp" not in k}
     assert {k for k, _ in tree_flatten(model.parameters())} == keys
+
+
+def _step_logits(model, prompt, tokens):
+    """Logits of the prompt's last position, then of each of ``tokens`` fed one at a time."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    steps = [model(mx.array(prompt)[None], cache=cache)]
+    steps += [model(mx.array([[t]]), cache=cache) for t in tokens]
+    return [np.array(s[:, -1].astype(mx.float32)) for s in steps]
+
+
+def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch):
+    """Decode steps launch their experts over the device table before the router sync (GPU
+    default): the same logits at every step, whether all experts were resident or some missed."""
+    import mlx_lm
+    from flashmoe.runtime.store import ExpertStore
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    stock, _ = mlx_lm.load(str(src))
+    expected = _step_logits(stock, prompt, ref_tokens[:12])
+    confirmed = []
+    real = ExpertStore.confirm_resident
+    monkeypatch.setattr(
+        ExpertStore,
+        "confirm_resident",
+        lambda s, *a: confirmed.append(real(s, *a)) or confirmed[-1],
+    )
+    for bank in (6, 12):  # of 16
+        model, _ = load(str(out), bank_experts=bank)
+        model.flashmoe.store.presync = True
+        confirmed.clear()
+        got = _step_logits(model, prompt, ref_tokens[:12])
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        # both outcomes were exercised: all resident (used as launched) and some missing
+        assert True in confirmed and False in confirmed
