@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eager",
         default="presync",
         help="decode steps' work handed to MLX as soon as built: presync (as on, and the "
-        "experts launched before the router sync), on (expert output and the decoder layers' "
+        "experts launched before the router sync; presync-attn: of the layers' other modules "
+        "the attention only; presync-bare: none of them), on (expert output and the decoder layers' "
         "other modules), experts (expert output only), off (all at the next sync); e.g. "
         "presync,on,experts,off",
     )
@@ -383,22 +384,40 @@ def _measure(
     return out
 
 
-EAGER = ("presync", "on", "experts", "off")
+EAGER = (
+    "presync",
+    "presync-attn",
+    "presync-bare",
+    "presync-fine",
+    "presync-fine-attn",
+    "on",
+    "experts",
+    "off",
+)
 
 
 def _eager_label(mode) -> str:
     # rows of older JSON files hold a bool (True: the expert output only)
     if isinstance(mode, bool):
         mode = "experts" if mode else "off"
-    return {"presync": "presync", "on": "eager", "experts": "eager-x", "off": "lazy"}[mode]
+    labels = {"on": "eager", "experts": "eager-x", "off": "lazy"}
+    return labels.get(mode, mode)
 
 
 def _set_eager(store, mode: str) -> None:
     if mode not in EAGER:
         raise BenchError(f"--eager takes {', '.join(EAGER)}, not {mode!r}")
     store.eager = mode != "off"
-    store.eager_layers = mode in ("presync", "on")
-    store.presync = mode == "presync"
+    store.eager_layers = mode in (
+        "presync",
+        "presync-attn",
+        "presync-fine",
+        "presync-fine-attn",
+        "on",
+    )
+    store.early_norms = not mode.endswith("-attn")
+    store.early_inner = mode.startswith("presync-fine")
+    store.presync = mode.startswith("presync")
 
 
 def _row(r: dict) -> list:

@@ -207,6 +207,9 @@ class ExpertStore:
         # wait per token over 4 layers). MLX's CPU backend gains nothing; Metal already commits
         # command buffers during a long eval, so there it would mostly add commits (unmeasured).
         self.eager_layers = cuda.on_cuda()
+        # which of them (benchmark knobs): the norms too, the attention's own submodules too
+        self.early_norms = True
+        self.early_inner = False
         # And a decode token's experts are launched before its router sync, over the bank's
         # device table (``slots_before_sync``); the sync then only confirms they were all
         # resident. On CUDA only, where it was measured.
@@ -279,6 +282,12 @@ class ExpertStore:
             self._paths[entry.layer] = str(path)
         for entry in entries:  # every bank now, not in the first forward pass
             self._allocate_bank(entry.layer)
+
+    def commits(self, role: str) -> bool:
+        """Whether a module of this role (``streaming.commit_early``) commits its output."""
+        if role == "norm":
+            return self.early_norms
+        return role == "module" or self.early_inner
 
     @property
     def syncs(self) -> bool:

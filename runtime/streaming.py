@@ -84,31 +84,43 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
     the number of modules changed.
     """
     wanted = {id(b) for b in blocks}
-    made: dict[type, type] = {}  # one subclass per class
+    made: dict[tuple[type, str], type] = {}  # one subclass per class and role
     changed = 0
+
+    def swap(child: nn.Module, role: str) -> None:
+        nonlocal changed
+        cls = type(child)
+        if getattr(cls, "_flashmoe_commits", None) is not store:
+            if (cls, role) not in made:
+                made[cls, role] = _committing_class(cls, store, role)
+            child.__class__ = made[cls, role]
+        changed += 1
+
     for _, module in model.named_modules():
         children = module.children()
         if not any(id(c) in wanted for c in children.values()):
             continue
         for child in children.values():
             if isinstance(child, nn.Module) and id(child) not in wanted:
-                cls = type(child)
-                if getattr(cls, "_flashmoe_commits", None) is not store:
-                    if cls not in made:
-                        made[cls] = _committing_class(cls, store)
-                    child.__class__ = made[cls]
-                changed += 1
+                inner = [m for m in child.children().values() if isinstance(m, nn.Module)]
+                swap(child, "module" if inner else "norm")
+                for m in inner:
+                    swap(m, "inner")
     return changed
 
 
-def _committing_class(cls: type, store: ExpertStore) -> type:
-    """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once."""
+def _committing_class(cls: type, store: ExpertStore, role: str) -> type:
+    """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once.
+
+    ``role``: "module" (a decoder layer's attention: always), "norm" (a decoder layer's module
+    without submodules: while ``store.early_norms``), "inner" (a submodule of the attention:
+    while ``store.early_inner``)."""
 
     def __call__(self, *args, **kwargs):
         out = cls.__call__(self, *args, **kwargs)
         # decode steps only (one position per sequence): a prompt is compute-bound
         if store.eager_layers and isinstance(out, mx.array) and out.ndim >= 2:
-            if out.shape[-2] == 1 and store.syncs:
+            if out.shape[-2] == 1 and store.syncs and store.commits(role):
                 mx.async_eval(out)
         return out
 
