@@ -52,11 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eager",
         default="presync",
-        help="decode steps' work handed to MLX as soon as built: presync (as on, and the "
-        "experts launched before the router sync; presync-attn: of the layers' other modules "
-        "the attention only; presync-bare: none of them), on (expert output and the decoder layers' "
-        "other modules), experts (expert output only), off (all at the next sync); e.g. "
-        "presync,on,experts,off",
+        help="decode steps' work handed to MLX as soon as built: presync (the experts launched "
+        "before the router sync, the attention committed early), presync-norms (the norms "
+        "too), presync-bare (no early commit), on (no presync; the expert output and the "
+        "decoder layers' other modules committed early), experts (the expert output only), off "
+        "(all at the next sync); e.g. presync,on",
     )
     p.add_argument("--policies", default="lfu", help="bank policies to compare, e.g. lfu,lru")
     p.add_argument("--io-threads", type=int, default=16)
@@ -384,16 +384,7 @@ def _measure(
     return out
 
 
-EAGER = (
-    "presync",
-    "presync-attn",
-    "presync-bare",
-    "presync-fine",
-    "presync-fine-attn",
-    "on",
-    "experts",
-    "off",
-)
+EAGER = ("presync", "presync-norms", "presync-bare", "on", "experts", "off")
 
 
 def _eager_label(mode) -> str:
@@ -408,15 +399,8 @@ def _set_eager(store, mode: str) -> None:
     if mode not in EAGER:
         raise BenchError(f"--eager takes {', '.join(EAGER)}, not {mode!r}")
     store.eager = mode != "off"
-    store.eager_layers = mode in (
-        "presync",
-        "presync-attn",
-        "presync-fine",
-        "presync-fine-attn",
-        "on",
-    )
-    store.early_norms = not mode.endswith("-attn")
-    store.early_inner = mode.startswith("presync-fine")
+    store.eager_layers = mode in ("presync", "presync-norms", "on")
+    store.early_norms = mode in ("presync-norms", "on")
     store.presync = mode.startswith("presync")
 
 

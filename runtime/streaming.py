@@ -102,10 +102,8 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
             continue
         for child in children.values():
             if isinstance(child, nn.Module) and id(child) not in wanted:
-                inner = [m for m in child.children().values() if isinstance(m, nn.Module)]
+                inner = any(isinstance(m, nn.Module) for m in child.children().values())
                 swap(child, "module" if inner else "norm")
-                for m in inner:
-                    swap(m, "inner")
     return changed
 
 
@@ -113,14 +111,13 @@ def _committing_class(cls: type, store: ExpertStore, role: str) -> type:
     """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once.
 
     ``role``: "module" (a decoder layer's attention: always), "norm" (a decoder layer's module
-    without submodules: while ``store.early_norms``), "inner" (a submodule of the attention:
-    while ``store.early_inner``)."""
+    without submodules: while ``store.early_norms``)."""
 
     def __call__(self, *args, **kwargs):
         out = cls.__call__(self, *args, **kwargs)
         # decode steps only (one position per sequence): a prompt is compute-bound
         if store.eager_layers and isinstance(out, mx.array) and out.ndim >= 2:
-            if out.shape[-2] == 1 and store.syncs and store.commits(role):
+            if out.shape[-2] == 1 and store.syncs and (role == "module" or store.early_norms):
                 mx.async_eval(out)
         return out
 
