@@ -331,15 +331,16 @@ class ExpertStore:
         return bank.device_table()[indices]
 
     def slots_before_sync(self, layer: int, indices: mx.array) -> mx.array | None:
-        """Slot ids for one token's routed ``indices`` (lazy, not synced), from the bank's
+        """Slot ids for a decode step's routed ``indices`` (lazy, not synced), from the bank's
         device table; None where that is not allowed (``presync`` off, a trace, reads in flight
-        for ``layer``, several tokens).
+        for ``layer``, a prompt).
 
         A computation over them may start before the router is synced: the rows of the experts
         that turn out resident are final (``confirm_resident`` tells whether all are); an
         absent expert's row reads slot 0 and must be discarded.
         """
-        if not self.presync or indices.size != indices.shape[-1] or not self._quiet(layer):
+        decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
+        if not self.presync or not decode or not self._quiet(layer):
             return None
         return self.banks[layer].device_table()[indices]
 

@@ -15,8 +15,12 @@ land in the bank), 0 expert arrays built. A step whose experts are all resident 
 request machinery (``ExpertStore.resident_slots``: one table lookup). With misses and hits, the
 hits are computed while the misses are read (``hits_first``); the expert output is handed to MLX
 for evaluation at once (``ExpertStore.eager``), so the GPU computes it while Python builds the
-rest of the step, and on CUDA so are the outputs of the layer's attention and norms
-(``commit_early``), so that the router sync waits for the router alone. With
+rest of the step. On CUDA the layer's attention output is handed over as soon as it is built
+(``commit_early``), and a decode step's experts are launched *before* the router sync over the
+bank's device table (expert -> slot, ``ExpertStore.slots_before_sync``): the sync waits for the
+router alone while the GPU has the experts queued behind it, and then only confirms that every
+expert was resident (else the missed experts' rows are recomputed once read, one token; or the
+step is computed again, several). With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting.
 With a routing trace, every call syncs.
@@ -202,12 +206,15 @@ class StreamingSwitchGLU(nn.Module):
     def _compute(
         self, x: mx.array, experts: np.ndarray, unique: np.ndarray, ahead: mx.array | None = None
     ) -> mx.array:
-        """``ahead``: this token's expert output launched before the sync, whose rows of
-        resident experts are final (``slots_before_sync``)."""
+        """``ahead``: this step's expert output launched before the sync, whose rows of
+        resident experts are final (``slots_before_sync``); used for one token only (several
+        tokens' partial outputs would not be bit-identical on CUDA, see ``_hits_first``)."""
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
         one_token = experts.size == experts.shape[-1]
+        if not one_token:
+            ahead = None
         if (
             pending.misses
             and pending.hits

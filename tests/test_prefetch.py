@@ -163,27 +163,30 @@ def test_early_commits_are_bit_identical_and_keep_parameters(layout, monkeypatch
     assert {k for k, _ in tree_flatten(model.parameters())} == keys
 
 
-def _step_logits(model, prompt, tokens):
-    """Logits of the prompt's last position, then of each of ``tokens`` fed one at a time."""
+def _step_logits(model, prompts, tokens):
+    """Logits of the prompts' last position (one row per prompt, equal lengths), then of each
+    step of ``tokens`` (one token per row) fed one step at a time."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    steps = [model(mx.array(prompt)[None], cache=cache)]
-    steps += [model(mx.array([[t]]), cache=cache) for t in tokens]
+    steps = [model(mx.array(prompts), cache=cache)]
+    steps += [model(mx.array(step)[:, None], cache=cache) for step in tokens]
     return [np.array(s[:, -1].astype(mx.float32)) for s in steps]
 
 
 def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch):
     """Decode steps launch their experts over the device table before the router sync (GPU
-    default): the same logits at every step, whether all experts were resident or some missed."""
+    default): the same logits at every step, whether all experts were resident or some missed,
+    for one sequence and for a batch of two."""
     import mlx_lm
     from flashmoe.runtime.store import ExpertStore
 
     src, out = layout("qwen3_5_moe")
     prompt, _, ref_tokens = reference(src)
     stock, _ = mlx_lm.load(str(src))
-    expected = _step_logits(stock, prompt, ref_tokens[:12])
+    one = ([prompt], [[t] for t in ref_tokens[:12]])
+    two = ([prompt[:8], prompt[8:16]], [[t, (t * 7) % 97] for t in ref_tokens[:8]])
     confirmed = []
     real = ExpertStore.confirm_resident
     monkeypatch.setattr(
@@ -191,11 +194,13 @@ def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch)
         "confirm_resident",
         lambda s, *a: confirmed.append(real(s, *a)) or confirmed[-1],
     )
-    for bank in (6, 12):  # of 16
-        model, _ = load(str(out), bank_experts=bank)
-        model.flashmoe.store.presync = True
+    for prompts, tokens in (one, two):
+        expected = _step_logits(stock, prompts, tokens)
         confirmed.clear()
-        got = _step_logits(model, prompt, ref_tokens[:12])
-        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        for bank in (6, 12):  # of 16
+            model, _ = load(str(out), bank_experts=bank)
+            model.flashmoe.store.presync = True
+            got = _step_logits(model, prompts, tokens)
+            assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
         # both outcomes were exercised: all resident (used as launched) and some missing
-        assert True in confirmed and False in confirmed
+        assert True in confirmed and False in confirmed, len(prompts)
