@@ -116,6 +116,11 @@ class ExpertBank:
         return {int(e): int(self.table[e]) for e in np.flatnonzero(self.table >= 0)}
 
     @property
+    def identity(self) -> bool:
+        """The bank has a slot for every expert, and expert e always sits in slot e."""
+        return self.slots == self.table.size
+
+    @property
     def complete(self) -> bool:
         """Every expert of the layer is resident: nothing will ever be read or evicted again."""
         return len(self.free) == 0 and self.slots == self.table.size
@@ -166,7 +171,13 @@ class ExpertBank:
                 self.policy.remove(victim)
         misses = []
         for e in missing:
-            slot = self.free.pop()
+            # a bank of every expert never evicts: expert e goes to slot e (its slot is free
+            # while e is absent), so a complete bank maps ids to themselves (``identity``)
+            if self.identity:
+                self.free.remove(e)
+                slot = e
+            else:
+                slot = self.free.pop()
             self.table[e] = slot
             misses.append((e, slot))
         self.policy.touch(experts)

@@ -328,7 +328,8 @@ class ExpertStore:
             return None
         self.stats.calls += 1
         self.stats.hits += indices.shape[-1]
-        return bank.device_table()[indices]
+        # slot e holds expert e in a bank of every expert: the ids are the slot ids (no gather)
+        return indices if bank.identity else bank.device_table()[indices]
 
     def slots_before_sync(self, layer: int, indices: mx.array) -> mx.array | None:
         """Slot ids for a decode step's routed ``indices`` (lazy, not synced), from the bank's

@@ -128,6 +128,7 @@ def test_full_bank_reads_every_expert_at_most_once(layout):
     store = model2.flashmoe.store
     for layer, bank in store.banks.items():
         assert store.stats.per_layer_misses[layer] == len(bank.slot_of)
+        assert bank.slot_of and all(e == s for e, s in bank.slot_of.items())  # slot e: expert e
 
 
 def test_sampling_with_seed_reproduces_and_matches_mlx_lm(layout):
