@@ -207,19 +207,13 @@ class StreamingSwitchGLU(nn.Module):
         self, x: mx.array, experts: np.ndarray, unique: np.ndarray, ahead: mx.array | None = None
     ) -> mx.array:
         """``ahead``: this step's expert output launched before the sync, whose rows of
-        resident experts are final (``slots_before_sync``); used for one token only (several
-        tokens' partial outputs would not be bit-identical on CUDA, see ``_hits_first``)."""
+        resident experts are final (``slots_before_sync``); with hits first, one token keeps
+        them (several tokens' partial outputs would not be bit-identical on CUDA)."""
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
         one_token = experts.size == experts.shape[-1]
-        if not one_token:
-            ahead = None
-        if (
-            pending.misses
-            and pending.hits
-            and (ahead is not None or store.hits_first and one_token)
-        ):
+        if pending.misses and pending.hits and store.hits_first and one_token:
             out = self._hits_first(x, experts, pending, ahead)
         else:
             pending.wait()
