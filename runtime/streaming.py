@@ -76,7 +76,9 @@ def link_next_layers(parents: list[tuple[nn.Module, int]]) -> None:
 
 def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) -> int:
     """Make the other modules of each decoder layer holding one of ``blocks`` (MoE blocks) hand
-    their output to MLX as soon as it is built, in decode steps with a partial bank.
+    their output to MLX as soon as it is built, in decode steps with a partial bank: the
+    attention (a module with submodules) always, the norms (modules without) while
+    ``store.early_norms``.
 
     With a partial bank every MoE layer syncs on its router. Without this, the whole stretch
     since the previous sync (the rest of the last MoE block, the norms, the attention, the
@@ -88,40 +90,33 @@ def commit_early(model: nn.Module, blocks: list[nn.Module], store: ExpertStore) 
     the number of modules changed.
     """
     wanted = {id(b) for b in blocks}
-    made: dict[tuple[type, str], type] = {}  # one subclass per class and role
+    made: dict[type, type] = {}  # one subclass per class
     changed = 0
-
-    def swap(child: nn.Module, role: str) -> None:
-        nonlocal changed
-        cls = type(child)
-        if getattr(cls, "_flashmoe_commits", None) is not store:
-            if (cls, role) not in made:
-                made[cls, role] = _committing_class(cls, store, role)
-            child.__class__ = made[cls, role]
-        changed += 1
-
     for _, module in model.named_modules():
         children = module.children()
         if not any(id(c) in wanted for c in children.values()):
             continue
         for child in children.values():
             if isinstance(child, nn.Module) and id(child) not in wanted:
-                inner = any(isinstance(m, nn.Module) for m in child.children().values())
-                swap(child, "module" if inner else "norm")
+                cls = type(child)
+                if getattr(cls, "_flashmoe_commits", None) is not store:
+                    if cls not in made:
+                        norm = not any(isinstance(m, nn.Module) for m in child.children().values())
+                        made[cls] = _committing_class(cls, store, norm)
+                    child.__class__ = made[cls]
+                changed += 1
     return changed
 
 
-def _committing_class(cls: type, store: ExpertStore, role: str) -> type:
-    """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once.
-
-    ``role``: "module" (a decoder layer's attention: always), "norm" (a decoder layer's module
-    without submodules: while ``store.early_norms``)."""
+def _committing_class(cls: type, store: ExpertStore, norm: bool) -> type:
+    """A subclass of ``cls`` whose calls hand a decode step's output to MLX at once (a
+    ``norm``, a module without submodules, only while ``store.early_norms``)."""
 
     def __call__(self, *args, **kwargs):
         out = cls.__call__(self, *args, **kwargs)
         # decode steps only (one position per sequence): a prompt is compute-bound
         if store.eager_layers and isinstance(out, mx.array) and out.ndim >= 2:
-            if out.shape[-2] == 1 and store.syncs and (role == "module" or store.early_norms):
+            if out.shape[-2] == 1 and store.syncs and (store.early_norms or not norm):
                 mx.async_eval(out)
         return out
 
