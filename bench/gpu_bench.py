@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import random
 import statistics
@@ -261,6 +262,9 @@ def run(args) -> int:
         "dense ms", "router ms", "compute ms", "identical",
     ]  # fmt: skip
     print(table(columns, rows))
+    summary = summarize(results)
+    if any(s["rows"] > 1 for s in summary):
+        print(table(SUMMARY_COLUMNS, [_summary_row(s) for s in summary]))
     print(
         f"stock mlx-lm {stock_tps:.1f} tok/s; reference rates: "
         + ", ".join(f"{k} {v:.2f}" for k, v in refs.items())
@@ -275,10 +279,50 @@ def run(args) -> int:
             "stock_first_load_prefill_s": compile_s,
             "references": refs,
             "rows": results,
+            "summary": summary,
         },
     )
     print(f"wrote {path}")
     return 0
+
+
+SUMMARY_COLUMNS = ["bank", "split", "pages", "mode", "configuration", "rows", "median tok/s",
+                   "vs", "pair ratio (geo. mean)", "pairs won"]  # fmt: skip
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Rows of one configuration repeated (e.g. ``--eager presync,on,presync,on``), per bank, split,
+    pages and residency mode: how many rows and their median tok/s, and against the first
+    configuration of the group, its rows paired in order with that one's (the i-th with the
+    i-th: alternating rows see the host's drift alike): the geometric mean of the tok/s ratios
+    and how many pairs it won."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in results:
+        key = (r["bank"], r["split"], r["pages"], r["mode"])
+        groups.setdefault(key, {}).setdefault(_config_label(r), []).append(r["tok_s"])
+    out = []
+    for (bank, split, pages, mode), configs in groups.items():
+        base_label, base = next(iter(configs.items()))
+        for label, rates in configs.items():
+            entry = {"bank": bank, "split": split, "pages": pages, "mode": mode,
+                     "configuration": label, "rows": len(rates),
+                     "median_tok_s": statistics.median(rates)}  # fmt: skip
+            pairs = list(zip(rates, base, strict=False))
+            if label != base_label and pairs:
+                logs = [math.log(a / b) for a, b in pairs]
+                entry.update(vs=base_label, pair_ratio=math.exp(statistics.fmean(logs)),
+                             pairs_won=sum(a > b for a, b in pairs), pairs=len(pairs))  # fmt: skip
+            out.append(entry)
+    return out
+
+
+def _summary_row(s: dict) -> list:
+    ratio = s.get("pair_ratio")
+    return [
+        s["bank"], s["split"], s["pages"], s["mode"], s["configuration"], s["rows"],
+        f"{s['median_tok_s']:.1f}", s.get("vs", "-"), "-" if ratio is None else f"{ratio:.3f}",
+        f"{s['pairs_won']} of {s['pairs']}" if "pairs" in s else "-",
+    ]  # fmt: skip
 
 
 def _measure(
@@ -404,14 +448,19 @@ def _set_eager(store, mode: str) -> None:
     store.presync = mode.startswith("presync")
 
 
+def _config_label(r: dict) -> str:
+    return (
+        f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}"
+        f"/{_eager_label(r.get('eager', 'on'))}/{r.get('policy', 'lru')}"
+    )
+
+
 def _row(r: dict) -> list:
     def f(v, d=1):
         return "-" if v is None else f"{v:.{d}f}"
 
     return [
-        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}",
-        f"{r['prefetch']}/{'hf' if r.get('hits_first', True) else '-'}"
-        f"/{_eager_label(r.get('eager', 'on'))}/{r.get('policy', 'lru')}",
+        r["bank"], r["split"], r["pages"], f"{r['mode']}->{r.get('residency')}", _config_label(r),
         f(r["tok_s"]), f(r["ratio"], 2), f(r["ttft_ms"], 0), f(r["hit_rate"] * 100),
         f(r["mb_per_token"]), f(r["io_ms_per_token"]), f(r.get("sync_ms_per_token"), 2),
         f(r.get("host_ms_per_token"), 2), f(r.get("prefetch_ms_per_token")),

@@ -202,3 +202,25 @@ def test_synth_is_deterministic(tmp_path, tiny_preset):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     c = synthesize(tmp_path / "c", tiny_preset, 4, vocab=512, seed=1, progress=False)
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_gpu_summary_pairs_alternating_rows_in_order():
+    from flashmoe.bench.gpu_bench import summarize
+
+    def row(eager, tok_s, bank=128):
+        return {"bank": bank, "split": 4, "pages": "warm", "mode": "staged", "prefetch": "off",
+                "hits_first": True, "eager": eager, "policy": "lfu", "tok_s": tok_s}  # fmt: skip
+
+    rows = [row("presync", 200.0), row("on", 100.0), row("presync", 100.0), row("on", 200.0),
+            row("presync", 50.0, bank=10)]  # fmt: skip
+    first, second, other = summarize(rows)
+    assert (first["configuration"], first["rows"], first["median_tok_s"]) == (
+        "off/hf/presync/lfu", 2, 150.0)  # fmt: skip
+    assert "pair_ratio" not in first and "pair_ratio" not in other  # nothing to pair with
+    # pairs (100 vs 200) and (200 vs 100): ratios 0.5 and 2, geometric mean 1, one pair won
+    assert second["vs"] == "off/hf/presync/lfu" and second["configuration"] == "off/hf/eager/lfu"
+    assert abs(second["pair_ratio"] - 1.0) < 1e-12 and (second["pairs_won"], second["pairs"]) == (
+        1,
+        2,
+    )
+    assert other["bank"] == 10 and other["rows"] == 1
