@@ -332,19 +332,20 @@ class ExpertStore:
         # slot e holds expert e in a bank of every expert: the ids are the slot ids (no gather)
         return indices if bank.identity else bank.device_table()[indices]
 
-    def slots_before_sync(self, layer: int, indices: mx.array) -> mx.array | None:
+    def slots_before_sync(self, layer: int, indices: mx.array) -> tuple[mx.array, set[int]] | None:
         """Slot ids for a decode step's routed ``indices`` (lazy, not synced), from the bank's
-        device table; None where that is not allowed (``presync`` off, a trace, reads in flight
-        for ``layer``, a prompt).
+        device table, and the experts read ahead for ``layer`` that are still landing; None
+        where that is not allowed (``presync`` off, a trace, a request not waited for, a prompt).
 
         A computation over them may start before the router is synced: the rows of the experts
-        that turn out resident are final (``confirm_resident`` tells whether all are); an
-        absent expert's row reads slot 0 and must be discarded.
+        that turn out resident and were not landing are final (``confirm_resident`` tells
+        whether all are); the other rows read an absent expert's slot 0 or a slot still being
+        written, and must be discarded.
         """
         decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
-        if not self.presync or not decode or not self._quiet(layer):
+        if not self.presync or not decode or self.trace is not None or self._open is not None:
             return None
-        return self.banks[layer].device_table()[indices]
+        return self.banks[layer].device_table()[indices], self._in_flight(layer)
 
     def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
         """Whether every one of ``experts`` (any shape) is resident with no read in flight for

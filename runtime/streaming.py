@@ -22,7 +22,8 @@ router alone while the GPU has the experts queued behind it, and then only confi
 expert was resident (else the missed experts' rows are recomputed once read, one token; or the
 step is computed again, several). With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
-input, and one more batch (the guessed misses of the next layer) is submitted without waiting.
+input, and one more batch (the guessed misses of the next layer) is submitted without waiting;
+the rows launched before the sync for guesses still landing then are recomputed once landed.
 With a routing trace, every call syncs.
 """
 
@@ -154,17 +155,20 @@ class StreamingSwitchGLU(nn.Module):
         if nxt is not None and store.prefetch_wanted(nxt.top_k):
             # the next layer's router on this layer's input: evaluated in the same sync
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
-            mx.eval(indices, guess)
-        elif (ids := store.slots_before_sync(self.layer, indices)) is not None:
+        launch = store.slots_before_sync(self.layer, indices)
+        if launch is not None:
             # launch the experts before the sync: the GPU runs them right after the router
             # while Python waits, instead of idling while Python builds them after the sync
-            mx.async_eval(indices)  # the router alone: the sync below waits for this
+            ids, landing = launch
+            mx.async_eval(indices, *([] if guess is None else [guess]))  # the sync waits for this
             ahead = glu(x, ids)
             mx.async_eval(ahead)
+        elif guess is not None:
+            mx.eval(indices, guess)
         experts = np.array(indices)  # the router sync
         t1 = time.perf_counter()
         decode = experts.ndim >= 2 and experts.shape[-2] == 1  # one position per sequence
-        if decode and guess is None:
+        if decode:
             out = None
             if ahead is not None:
                 if store.confirm_resident(self.layer, experts):
@@ -175,6 +179,7 @@ class StreamingSwitchGLU(nn.Module):
                     mx.async_eval(out)
             if out is not None:  # every expert a hit
                 store.banks[self.layer].add_pending(out)
+                self._read_ahead(guess)
                 stats.sync_seconds += t1 - t0
                 stats.host_seconds += time.perf_counter() - t1
                 return out
@@ -183,7 +188,7 @@ class StreamingSwitchGLU(nn.Module):
         store.record(self.layer, flat)
         unique = np.unique(flat)
         if unique.size <= store.slots:
-            out = self._compute(x, experts, unique, ahead)
+            out = self._compute(x, experts, unique, ahead, landing if ahead is not None else None)
         else:
             out = self._compute_in_groups(x, experts, flat)
         if store.eager and decode:
@@ -191,25 +196,39 @@ class StreamingSwitchGLU(nn.Module):
             # Python builds the rest of the step (the values are the same whenever they are
             # evaluated; a prompt's experts are compute-bound, nothing to gain there)
             mx.async_eval(out)
-        if guess is not None:
-            # read ahead while this layer computes
-            store.prefetch(nxt.layer, np.unique(np.array(guess)).tolist())
+        self._read_ahead(guess)
         stats.sync_seconds += t1 - t0
         stats.host_seconds += time.perf_counter() - t1 - (stats.io_seconds - io)
         return out
 
+    def _read_ahead(self, guess: mx.array | None) -> None:
+        """Submit the reads of the next layer's guessed experts (evaluated in the sync)."""
+        if guess is not None:
+            self._store.prefetch(self.next_layer.layer, np.unique(np.array(guess)).tolist())
+
     def _compute(
-        self, x: mx.array, experts: np.ndarray, unique: np.ndarray, ahead: mx.array | None = None
+        self,
+        x: mx.array,
+        experts: np.ndarray,
+        unique: np.ndarray,
+        ahead: mx.array | None = None,
+        landing: set[int] | None = None,
     ) -> mx.array:
-        """``ahead``: this step's expert output launched before the sync, whose rows of
-        resident experts are final (``slots_before_sync``); with hits first, one token keeps
-        them (several tokens' partial outputs would not be bit-identical on CUDA)."""
+        """``ahead``: this step's expert output launched before the sync, whose rows are final
+        for the experts resident then, except those in ``landing`` (read ahead, still being
+        read at launch: ``slots_before_sync``); with hits first, one token keeps those rows
+        (several tokens' partial outputs would not be bit-identical on CUDA)."""
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
         one_token = experts.size == experts.shape[-1]
-        if pending.misses and pending.hits and store.hits_first and one_token:
-            out = self._hits_first(x, experts, pending, ahead)
+        redo = {e for e, _ in pending.misses}
+        if ahead is not None and landing:
+            redo |= landing & set(unique.tolist())  # landed by now (request waited for them)
+        if ahead is not None and not redo:  # every routed expert was resident at launch
+            out = ahead
+        elif redo and len(redo) < unique.size and store.hits_first and one_token:
+            out = self._hits_first(x, experts, pending, redo, ahead)
         else:
             pending.wait()
             out = glu(x, pending.slot_ids(experts))
@@ -217,19 +236,24 @@ class StreamingSwitchGLU(nn.Module):
         return out
 
     def _hits_first(
-        self, x: mx.array, experts: np.ndarray, pending: Pending, ahead: mx.array | None = None
+        self,
+        x: mx.array,
+        experts: np.ndarray,
+        pending: Pending,
+        redo: set[int],
+        ahead: mx.array | None = None,
     ) -> mx.array:
-        """One token: compute its resident experts while the misses are read, then the misses.
+        """One token: compute its resident experts while the misses are read, then the misses
+        (``redo``: the misses, and with ``ahead`` the experts whose rows there are not final).
 
         Each routed expert's row of the SwitchGLU output depends on that expert alone, so the
         two partial outputs, put back in routing order, are the rows mlx-lm computes; the
         block's weighted sum then runs over them as usual (bit-identical). With ``ahead`` (all
-        rows, launched before the sync) its hit rows are taken as they are.
+        rows, launched before the sync) its rows of experts not in ``redo`` are taken as they are.
         """
         glu = self._original.glu
         row = experts.reshape(-1)
-        missed = {e for e, _ in pending.misses}  # a set: np.isin costs ~40 us per call here
-        flags = [e in missed for e in row.tolist()]
+        flags = [e in redo for e in row.tolist()]  # a set: np.isin costs ~40 us per call here
         hit_pos = np.array([i for i, m in enumerate(flags) if not m], dtype=np.int64)
         miss_pos = np.array([i for i, m in enumerate(flags) if m], dtype=np.int64)
         lead = experts.shape[:-1]

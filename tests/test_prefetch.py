@@ -204,3 +204,33 @@ def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch)
             assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
         # both outcomes were exercised: all resident (used as launched) and some missing
         assert True in confirmed and False in confirmed, len(prompts)
+
+
+@pytest.mark.parametrize("reader", ["python", pytest.param("native", marks=NATIVE_MARKS)])
+def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkeypatch):
+    """Read-ahead and presync together: the rows of guesses still landing at launch are
+    recomputed once landed; the logits stay stock mlx-lm's."""
+    import mlx_lm
+    from flashmoe.runtime.store import ExpertStore
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    stock, _ = mlx_lm.load(str(src))
+    tokens = [[t] for t in ref_tokens[:12]]
+    expected = _step_logits(stock, [prompt], tokens)
+    landing = []
+    real = ExpertStore.slots_before_sync
+
+    def spy(store, *a):
+        launch = real(store, *a)
+        landing.append(bool(launch and launch[1]))
+        return launch
+
+    monkeypatch.setattr(ExpertStore, "slots_before_sync", spy)
+    model, _ = load(str(out), bank_experts=8, prefetch="on", reader=reader)
+    store = model.flashmoe.store
+    store.presync = True
+    got = _step_logits(model, [prompt], tokens)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    store.settle_all()
+    assert store.stats.prefetch_experts > 0 and True in landing  # guesses landing at launch
