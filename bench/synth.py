@@ -122,6 +122,22 @@ class Tensor:
     lazy: mx.array | None = None
 
 
+def small_config(preset: str, layers: int, vocab: int, expert_intermediate: int) -> dict:
+    """``preset_config`` with the preset's routing geometry (experts, top-k) but a small model:
+    hidden size 1024, few heads, experts (and the shared expert) of ``expert_intermediate``;
+    for runs where routing matters and matmul time does not (tests, trace benchmarks)."""
+    config = preset_config(preset, layers, vocab=vocab)
+    config["text_config"].update(
+        hidden_size=1024,
+        moe_intermediate_size=expert_intermediate,
+        shared_expert_intermediate_size=expert_intermediate,
+        num_attention_heads=4,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    )
+    return config
+
+
 def _plan(config: dict, dtype: mx.Dtype, seed: int = 0) -> tuple[list[Tensor], dict, int]:
     """Tensors (in mlx-lm's parameter order), the quantized config and mlx-lm's parameter count."""
     model_class, args_class = lm_utils._get_classes(config)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from flashmoe.bench.synth import preset_config, synthesize
+from flashmoe.bench.synth import small_config, synthesize
 from flashmoe.convert import convert_checkpoint
 from flashmoe.runtime import load
 from flashmoe.runtime import trace as trace_mod
@@ -42,15 +42,7 @@ args = p.parse_args()
 
 ckpt, layout = args.dir / f"ckpt-{args.layers}L", args.dir / f"layout-{args.layers}L"
 if not layout.exists():
-    config = preset_config("qwen3.5-397b", args.layers, vocab=2048)
-    config["text_config"].update(
-        hidden_size=1024,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
-        num_attention_heads=4,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-    )
+    config = small_config("qwen3.5-397b", args.layers, 2048, expert_intermediate=64)
     synthesize(ckpt, "qwen3.5-397b", args.layers, config=config, dtype="float32", progress=False)
     convert_checkpoint(ckpt, layout, progress=False)
 

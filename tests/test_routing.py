@@ -7,7 +7,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from flashmoe.bench.routing import PROFILES, RoutingDesign, lru_hit_rate
-from flashmoe.bench.synth import preset_config, synthesize
+from flashmoe.bench.synth import small_config, synthesize
 from mlx_lm.models import switch_layers
 
 VOCAB = 2048
@@ -15,16 +15,7 @@ VOCAB = 2048
 
 def _tiny_35b_config(layers: int = 1) -> dict:
     """The 35B routing geometry (256 experts, top-8) with a small hidden size and tiny experts."""
-    config = preset_config("qwen3.5-35b", layers, vocab=VOCAB)
-    config["text_config"].update(
-        hidden_size=1024,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        num_attention_heads=4,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-    )
-    return config
+    return small_config("qwen3.5-35b", layers, VOCAB, expert_intermediate=32)
 
 
 def _routes(path, tokens: np.ndarray, monkeypatch) -> list[np.ndarray]:
