@@ -123,7 +123,7 @@ class ExpertBank:
     @property
     def complete(self) -> bool:
         """Every expert of the layer is resident: nothing will ever be read or evicted again."""
-        return len(self.free) == 0 and self.slots == self.table.size
+        return len(self.free) == 0 and self.identity
 
     def device_table(self) -> mx.array:
         """The expert -> slot table as an MLX array (for mapping ids without a sync).

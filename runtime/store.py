@@ -335,15 +335,14 @@ class ExpertStore:
     def slots_before_sync(self, layer: int, indices: mx.array) -> tuple[mx.array, set[int]] | None:
         """Slot ids for a decode step's routed ``indices`` (lazy, not synced), from the bank's
         device table, and the experts read ahead for ``layer`` that are still landing; None
-        where that is not allowed (``presync`` off, a trace, a request not waited for, a prompt).
+        where that is not allowed (``presync`` off, a trace, a request not waited for).
 
         A computation over them may start before the router is synced: the rows of the experts
         that turn out resident and were not landing are final (``confirm_resident`` tells
         whether all are); the other rows read an absent expert's slot 0 or a slot still being
         written, and must be discarded.
         """
-        decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
-        if not self.presync or not decode or self.trace is not None or self._open is not None:
+        if not self.presync or self.trace is not None or self._open is not None:
             return None
         return self.banks[layer].device_table()[indices], self._in_flight(layer)
 
@@ -351,23 +350,27 @@ class ExpertStore:
         """Whether every one of ``experts`` (any shape) is resident with no read in flight for
         ``layer``; if so, books them as a ``request`` without misses would (policy, counters),
         minus its machinery (no fence: nothing is written)."""
-        if not self._quiet(layer):
-            return False
-        bank = self.banks[layer]
-        if (bank.table[experts] < 0).any():
-            return False
-        unique = np.unique(experts)  # what request gets: distinct ids, in this order
-        bank.policy.touch(unique.tolist())
-        self.stats.calls += 1
-        self.stats.hits += unique.size
-        return True
+        return self._book_resident(layer, experts) is not None
 
     def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
         """Slot ids of ``experts`` (any shape) when ``confirm_resident``; else None (the caller
         goes through ``request``). For the common decode step whose experts are all hits."""
-        if not self.confirm_resident(layer, experts):
+        slots = self._book_resident(layer, experts)
+        return None if slots is None else mx.array(slots.astype(np.uint32))
+
+    def _book_resident(self, layer: int, experts: np.ndarray) -> np.ndarray | None:
+        """``confirm_resident``, returning the slots of ``experts`` (None: not all resident)."""
+        if not self._quiet(layer):
             return None
-        return mx.array(self.banks[layer].table[experts].astype(np.uint32))
+        bank = self.banks[layer]
+        slots = bank.table[experts]
+        if (slots < 0).any():
+            return None
+        unique = np.unique(experts)  # what request gets: distinct ids, in this order
+        bank.policy.touch(unique.tolist())
+        self.stats.calls += 1
+        self.stats.hits += unique.size
+        return slots
 
     def _quiet(self, layer: int) -> bool:
         """No trace is written and no read is in flight for ``layer``."""

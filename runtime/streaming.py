@@ -155,7 +155,8 @@ class StreamingSwitchGLU(nn.Module):
         if nxt is not None and store.prefetch_wanted(nxt.top_k):
             # the next layer's router on this layer's input: evaluated in the same sync
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
-        launch = store.slots_before_sync(self.layer, indices)
+        decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
+        launch = store.slots_before_sync(self.layer, indices) if decode else None
         if launch is not None:
             # launch the experts before the sync: the GPU runs them right after the router
             # while Python waits, instead of idling while Python builds them after the sync
@@ -167,7 +168,6 @@ class StreamingSwitchGLU(nn.Module):
             mx.eval(indices, guess)
         experts = np.array(indices)  # the router sync
         t1 = time.perf_counter()
-        decode = experts.ndim >= 2 and experts.shape[-2] == 1  # one position per sequence
         if decode:
             out = None
             if ahead is not None:
