@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 import mlx.core as mx
-from flashmoe.bench.gpu_bench import _decode, _fill
+from flashmoe.bench.gpu_bench import _decode
 from flashmoe.runtime import load
 from mlx_lm import load as lm_load
 
@@ -25,8 +25,7 @@ stock, _ = lm_load(args.source)
 prompt = mx.random.randint(0, 1000, (16,), key=mx.random.key(0)).tolist()
 _decode(stock, prompt, 8)  # warm-up: kernels compile off the clock
 experts = json.loads((Path(args.layout) / "flashmoe-index.json").read_text())["num_experts"]
-model, _ = load(args.layout, bank_experts=experts)
-_fill(model)  # every expert resident before the clock starts
+model, _ = load(args.layout, bank_experts=experts)  # filled: every expert read at load
 _decode(model, prompt, 8)
 rates = {"stock": [], "flashmoe": []}
 for _ in range(args.pairs):

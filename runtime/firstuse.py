@@ -48,7 +48,7 @@ def warm_up(model, prompt: list[int], err=sys.stderr) -> float:
 
     Compiles every kernel that the measured prefill and decode will use. The banks are emptied
     afterwards, so the measured run reads its experts as a fresh process would (the page cache,
-    though, is left as the warm-up left it).
+    though, is left as the warm-up left it); banks filled at load stay as they are.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -63,5 +63,7 @@ def warm_up(model, prompt: list[int], err=sys.stderr) -> float:
         mx.eval(token)
         mx.eval(model(token[:, None], cache=cache))
     seconds = time.perf_counter() - t0
-    model.flashmoe.store.clear_banks()
+    store = model.flashmoe.store
+    if not store.filled:
+        store.clear_banks()
     return seconds

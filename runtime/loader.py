@@ -316,6 +316,7 @@ def load(
     prefetch: str = "off",
     bank_policy: str = "lfu",
     hits_first: bool = True,
+    fill_bank: bool | None = None,
     group=None,
 ):
     """Load a flashmoe layout as an mlx-lm ``(model, tokenizer)`` pair, its routed experts streamed.
@@ -374,6 +375,11 @@ def load(
         hits_first (bool): In a decode step with misses, compute the resident experts while the
             misses are read (the same output: each expert's rows are computed alone either way).
             Default: ``True``.
+        fill_bank (bool, optional): Read every expert into the bank at load, so that no decode
+            step syncs on its router (a bank of every expert only: the model then runs as stock
+            mlx-lm does, from the first token). ``False`` reads each expert when first routed,
+            and every MoE layer syncs on its router until all have been. Default: ``True``
+            for a bank of every expert.
         group (mx.distributed.Group, optional): Split the model across the ranks of this group
             (pipeline parallel, ``mlx_lm``'s ``model.model.pipeline``): each rank runs a
             contiguous range of layers, balanced by bytes, and holds only their dense weights,
@@ -397,7 +403,7 @@ def load(
         ValueError: An argument of the wrong type or out of range (``bank_experts``, ``k``,
             ``cache_io_split``, ``io_threads``, ``reader``, ``prefetch``, ``bank_policy``), or a
             memory budget that cannot hold the dense weights, the KV cache and one token's experts
-            per layer.
+            per layer, or ``fill_bank=True`` with a bank smaller than the experts.
         RuntimeError: ``reader="native"`` where the native reader was not built.
         RankError: Under a group: a rank failed to load (its error is named), has a different
             layout, or there are more ranks than MoE layers; raised on every rank (a
@@ -451,6 +457,7 @@ def load(
             prefetch=prefetch,
             bank_policy=bank_policy,
             hits_first=hits_first,
+            fill_bank=fill_bank,
         )
 
     if group is None:
@@ -504,6 +511,7 @@ def _load_stage(
     prefetch: str,
     bank_policy: str,
     hits_first: bool,
+    fill_bank: bool | None,
 ):
     """``load`` on this process: all the layout's layers, or this rank's stage of ``plan``."""
     tc = text_config(index.config)
@@ -590,6 +598,15 @@ def _load_stage(
     except BaseException:
         store.close()
         raise
+    if fill_bank is None:
+        fill_bank = slots >= index.num_experts
+    if fill_bank:
+        try:
+            seconds = store.fill()
+        except BaseException:
+            store.close()
+            raise
+        note += f"; every expert read at load ({seconds:.1f} s)"
     model.flashmoe = Runtime(root, index, store, slots, top_k, timer, note, group, plan)
     return model, tokenizer, config
 

@@ -56,6 +56,12 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         help="size the bank so dense weights + bank + KV cache fit in GB",
     )
     s.add_argument(
+        "--no-fill",
+        action="store_true",
+        help="with a bank of every expert, read each expert when first routed instead of all "
+        "at load (a faster start; the MoE layers sync on their router until every expert is in)",
+    )
+    s.add_argument(
         "--verify", action="store_true", help="check every expert read against its checksum"
     )
     s.add_argument(
@@ -167,4 +173,5 @@ def load_options(args: argparse.Namespace) -> dict:
         prefetch=args.prefetch,
         bank_policy=args.bank_policy,
         hits_first=args.hits_first == "on",
+        fill_bank=False if getattr(args, "no_fill", False) else None,
     )

@@ -221,6 +221,10 @@ class ExpertStore:
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_areas: list[_Area] = []
         self._open: Pending | None = None  # the last request, until its misses landed
+        # every bank holds every expert of its layer (``complete``; kept up to date by
+        # ``request`` and ``clear_banks``, so the per-token checks cost nothing)
+        self._complete = False
+        self.filled = False  # ``fill`` made every bank complete (``clear_banks`` undoes it)
         self._precision = 1.0  # moving average of read-ahead precision (auto mode)
         self._probe = 0
 
@@ -285,8 +289,29 @@ class ExpertStore:
 
     @property
     def syncs(self) -> bool:
-        """Whether the MoE layers sync on their router (a partial bank, or a trace)."""
-        return self.trace is not None or self.slots < self.index.num_experts
+        """Whether the MoE layers sync on their router (a bank not yet complete, or a trace)."""
+        return self.trace is not None or not self._complete
+
+    @property
+    def complete(self) -> bool:
+        """Every bank holds every expert of its layer: nothing is read or evicted again."""
+        return self._complete
+
+    def fill(self) -> float:
+        """Read every expert of every layer into its bank (banks of every expert only), so that
+        decoding never syncs on a router; the counters start from zero afterwards. Returns the
+        seconds taken."""
+        if self.slots < self.index.num_experts:
+            raise ValueError(
+                f"a bank of {self.slots} slots cannot hold all {self.index.num_experts} experts"
+            )
+        t0 = time.perf_counter()
+        everything = list(range(self.index.num_experts))
+        for layer in self.banks:
+            self.ensure(layer, everything)
+        self.filled = True
+        self.stats.reset()
+        return time.perf_counter() - t0
 
     def bank(self, layer: int) -> ExpertBank:
         """The bank of ``layer`` (for inspection and benchmarks; the model goes through
@@ -321,11 +346,13 @@ class ExpertStore:
         """Slot ids for ``indices`` without a sync, or None when the router must be synced.
 
         Only for one token whose every expert is resident for good (a complete bank, which is
-        never written again) and no routing trace: MLX then keeps pipelining the decode step.
+        never written again, with no read in flight) and no routing trace: MLX then keeps
+        pipelining the decode step.
         Its ``k`` distinct experts are all hits, so the counters stay exact.
         """
         bank = self.banks[layer]
-        if self.trace is not None or not bank.complete or indices.size != indices.shape[-1]:
+        one_token = indices.size == indices.shape[-1]
+        if not (bank.complete and one_token and self._quiet(layer)):
             return None
         self.stats.calls += 1
         self.stats.hits += indices.shape[-1]
@@ -468,6 +495,8 @@ class ExpertStore:
                     raise
                 pending.batch, pending.part, pending.nbytes = batch, part, nbytes
             self._open = pending
+            if bank.complete:  # the last expert of this bank: maybe of every bank
+                self._complete = all(b.complete for b in self.banks.values())
         self.stats.io_seconds += time.perf_counter() - t0
         return pending
 
@@ -697,6 +726,7 @@ class ExpertStore:
         for bank in self.banks.values():
             bank.fence()
             bank.clear()
+        self._complete = self.filled = False
 
     def _check(self, layer: int, records) -> None:
         """Compare ``(expert, buffers)`` read for ``layer`` with the index's sha256."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -118,17 +119,56 @@ def test_prefill_longer_than_bank_reads_each_expert_once_per_group(layout):
     assert stats.misses <= len(prompt) * 4 * layers
 
 
-def test_full_bank_reads_every_expert_at_most_once(layout):
+def test_full_bank_is_filled_at_load_and_never_reads_again(layout):
     src, out = layout("qwen3_5_moe")
     prompt, ref_logits, ref_tokens = reference(src)
     model, logits, tokens = streamed(out, prompt, bank_experts=16)
     assert tokens == ref_tokens
-    model2, _ = load(str(out), bank_experts=16)
-    model2(mx.array(prompt)[None])
+    assert np.array_equal(logits, ref_logits)
+    store = model.flashmoe.store
+    assert store.complete and store.filled and not store.syncs
+    assert "every expert read at load" in model.flashmoe.budget_note
+    assert store.stats.misses == store.stats.bytes_read == 0  # the fill is not counted
+    for bank in store.banks.values():
+        assert bank.complete and all(e == s for e, s in bank.slot_of.items())  # slot e: expert e
+
+
+def test_full_bank_without_fill_reads_every_expert_at_most_once(layout):
+    src, out = layout("qwen3_5_moe")
+    prompt, ref_logits, ref_tokens = reference(src)
+    model, logits, tokens = streamed(out, prompt, bank_experts=16, fill_bank=False)
+    assert tokens == ref_tokens
+    model2, _ = load(str(out), bank_experts=16, fill_bank=False)
     store = model2.flashmoe.store
+    assert not store.filled and store.syncs and store.stats.misses == 0
+    model2(mx.array(prompt)[None])
     for layer, bank in store.banks.items():
         assert store.stats.per_layer_misses[layer] == len(bank.slot_of)
         assert bank.slot_of and all(e == s for e, s in bank.slot_of.items())  # slot e: expert e
+    # the MoE layers sync (and commit early) until the last expert is in, then never again
+    assert store.complete == all(b.complete for b in store.banks.values())
+    assert store.syncs == (not store.complete)
+    for layer in store.banks:
+        store.ensure(layer, list(range(16)))
+    assert store.complete and not store.syncs and not store.filled
+
+
+def test_warm_up_empties_a_partial_bank_and_keeps_a_filled_one(layout):
+    from flashmoe.runtime.firstuse import warm_up
+
+    _, out = layout("qwen3_5_moe")
+    for slots, kept in ((8, False), (16, True)):
+        model, _ = load(str(out), bank_experts=slots)
+        warm_up(model, [1, 2, 3], err=io.StringIO())
+        banks = model.flashmoe.store.banks.values()
+        assert all(bool(b.slot_of) == kept for b in banks)
+        assert model.flashmoe.store.filled == kept
+
+
+def test_fill_refuses_a_partial_bank(layout):
+    _, out = layout("qwen3_5_moe")
+    with pytest.raises(ValueError, match="cannot hold all 16 experts"):
+        load(str(out), bank_experts=8, fill_bank=True)
 
 
 def test_sampling_with_seed_reproduces_and_matches_mlx_lm(layout):
