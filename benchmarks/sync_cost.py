@@ -1,81 +1,59 @@
-"""What a sync costs on MLX's GPU backends: a chain of small kernels evaluated with a sync vs handed over.
+"""Where a partial bank's decode time goes, on one host: stock mlx-lm, a bank of every expert (no
+router sync), a bank of all but one expert filled before the clock (a router sync per MoE layer,
+next to no misses), and a bank of ``--bank`` slots (syncs and misses; not emptied between rounds,
+so later rounds show its steady state). Rows alternate, so the host's drift hits all alike.
+The store counters (hit rate, sync / host / I/O ms per token) include the prefill's::
 
-    python benchmarks/sync_cost.py        # e.g. MLX_USE_CUDA_GRAPHS=0 / MLX_MAX_OPS_PER_BUFFER=N in front
-
-For chains of 2-80 elementwise kernels: the Python time to build the chain, the time to evaluate it and
-read one value back (``np.array``: encode, run, wait), and, pipelined (``mx.async_eval`` of each chain,
-one sync at the end), the time per chain. The gap between the synced and the pipelined time per kernel
-is GPU time that a sync does not overlap with encoding (benchmarks/RESULTS.md, "Early commits").
+    python benchmarks/sync_cost.py SOURCE LAYOUT --rounds 4 --bank 128
 """
 
-from __future__ import annotations
-
-import os
-import time
+import argparse
+import json
+import statistics
+from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
+from flashmoe.bench.gpu_bench import _decode
+from flashmoe.runtime import load
+from mlx_lm import load as lm_load
 
-BASE = mx.zeros((4096,), dtype=mx.float32)
+p = argparse.ArgumentParser()
+p.add_argument("source", help="the source checkpoint (stock mlx-lm loads it)")
+p.add_argument("layout", help="its flashmoe layout")
+p.add_argument("--rounds", type=int, default=4)
+p.add_argument("--bank", type=int, default=128, help="slots of the partial bank")
+p.add_argument("--tokens", type=int, default=128)
+args = p.parse_args()
 
-
-def chain(x: mx.array, n: int) -> mx.array:
-    for _ in range(n):
-        x = x * 1.0001 + 1.0  # two kernels (nothing is compiled)
-    return x
-
-
-def synced(n: int, iters: int = 300) -> tuple[float, float]:
-    """(build us, evaluate + read back us) per chain of 2n kernels."""
-    for _ in range(20):
-        np.array(chain(BASE, n)[:1])
-    build = wait = 0.0
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        y = chain(BASE, n)
-        t1 = time.perf_counter()
-        np.array(y[:1])
-        build, wait = build + t1 - t0, wait + time.perf_counter() - t1
-    return build / iters * 1e6, wait / iters * 1e6
-
-
-def pipelined(n: int, iters: int = 300) -> float:
-    """us per chain of 2n kernels, each handed over with async_eval, one sync at the end."""
-    y = BASE
-    for _ in range(20):
-        y = chain(y, n)
-        mx.async_eval(y)
-    mx.eval(y)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        y = chain(y, n)
-        mx.async_eval(y)
-    mx.eval(y)
-    return (time.perf_counter() - t0) / iters * 1e6
-
-
-def main() -> None:
-    env = {
-        k: os.environ[k]
-        for k in ("MLX_USE_CUDA_GRAPHS", "MLX_MAX_OPS_PER_BUFFER")
-        if k in os.environ
-    }
-    print(f"device {mx.default_device()} {env}")
-    mx.eval(BASE)
-    for _ in range(20):
-        np.array(BASE[:1] + 1)
-    t0 = time.perf_counter()
-    for _ in range(500):
-        np.array(BASE[:1] + 1)
-    print(f"sync round trip, 1 kernel: {(time.perf_counter() - t0) / 500 * 1e6:.1f} us")
-    print("| kernels | build us | eval + sync us | per kernel | pipelined us | per kernel |")
-    print("|---|---|---|---|---|---|")
-    for n in (1, 10, 40):
-        build, wait = synced(n)
-        pipe = pipelined(n)
-        k = 2 * n
-        print(f"| {k} | {build:.1f} | {wait:.1f} | {wait / k:.2f} | {pipe:.1f} | {pipe / k:.2f} |")
-
-
-if __name__ == "__main__":
-    main()
+n = json.loads((Path(args.layout) / "flashmoe-index.json").read_text())["num_experts"]
+stock, _ = lm_load(args.source)
+prompt = mx.random.randint(0, 1000, (16,), key=mx.random.key(0)).tolist()
+_, _, ref = _decode(stock, prompt, args.tokens)
+models = {"stock": stock}
+models["full"], _ = load(args.layout, bank_experts=n)  # filled at load
+near, _ = load(args.layout, bank_experts=n - 1)
+for layer in near.flashmoe.store.banks:
+    near.flashmoe.store.ensure(layer, list(range(n - 1)))
+models[f"{n - 1} filled"] = near
+models[str(args.bank)], _ = load(args.layout, bank_experts=args.bank)
+for name, m in models.items():  # compiles each model's kernels off the clock
+    _, _, ids = _decode(m, prompt, args.tokens)
+    print(name, "identical", ids == ref, flush=True)
+rates = {k: [] for k in models}
+for _ in range(args.rounds):
+    for name, m in models.items():
+        rt = getattr(m, "flashmoe", None)
+        if rt is not None:
+            rt.store.stats.reset()
+        _, rate, _ = _decode(m, prompt, args.tokens)
+        rates[name].append(rate)
+        extra = ""
+        if rt is not None:
+            st, per = rt.store.stats, 1e3 / args.tokens
+            extra = (f" hit {100 * st.hit_rate:.1f}% sync {per * st.sync_seconds:.2f} ms/tok "
+                     f"host {per * st.host_seconds:.2f} io {per * st.io_seconds:.2f}")  # fmt: skip
+        print(f"{name}: {rate:.1f} tok/s{extra}", flush=True)
+for name, r in rates.items():
+    ratio = [a / b for a, b in zip(r, rates["stock"], strict=True)]
+    print(f"{name}: median {statistics.median(r):.1f} tok/s, x stock per round "
+          f"{', '.join(f'{x:.2f}' for x in ratio)}")  # fmt: skip
