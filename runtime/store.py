@@ -374,8 +374,8 @@ class ExpertStore:
         return self.banks[layer].device_table()[indices], self._in_flight(layer)
 
     def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
-        """Whether every one of ``experts`` (any shape) is resident with no read in flight for
-        ``layer``; if so, books them as a ``request`` without misses would (policy, counters),
+        """Whether every one of ``experts`` (any shape) is resident, none of them still being
+        read (ahead) for ``layer``; if so, books them as a ``request`` without misses would (policy, counters),
         minus its machinery (no fence: nothing is written)."""
         return self._book_resident(layer, experts) is not None
 
@@ -387,13 +387,21 @@ class ExpertStore:
 
     def _book_resident(self, layer: int, experts: np.ndarray) -> np.ndarray | None:
         """``confirm_resident``, returning the slots of ``experts`` (None: not all resident)."""
-        if not self._quiet(layer):
+        if self.trace is not None or self._open is not None:
             return None
         bank = self.banks[layer]
         slots = bank.table[experts]
         if (slots < 0).any():
             return None
         unique = np.unique(experts)  # what request gets: distinct ids, in this order
+        ahead = self._ahead.get(layer)
+        if ahead is not None:
+            # guesses for this layer may still be landing: only a routed one must be waited
+            # for (``request`` does), the others keep landing in their own slots
+            routed = set(unique.tolist())
+            if not routed.isdisjoint(self._in_flight(layer)):
+                return None
+            self._count_used(ahead, routed)
         bank.policy.touch(unique.tolist())
         self.stats.calls += 1
         self.stats.hits += unique.size
@@ -583,12 +591,8 @@ class ExpertStore:
         ahead = self._ahead.get(layer)
         if ahead is None:
             return
-        if needed is not None and not ahead.counted:
-            ahead.counted = True
-            used = sum(1 for e, _ in ahead.misses if e in needed)
-            self.stats.prefetch_used += used
-            self.stats.prefetch_unused_bytes += (len(ahead.misses) - used) * ahead.record_bytes
-            self._precision = 0.8 * self._precision + 0.2 * used / len(ahead.misses)
+        if needed is not None:
+            self._count_used(ahead, needed)
         partial = needed is not None and hasattr(ahead.batch, "wait_for")
         take = [
             i
@@ -615,6 +619,15 @@ class ExpertStore:
         if len(ahead.landed) == len(ahead.misses):
             del self._ahead[layer]
             self.stats.prefetch_seconds += time.perf_counter() - ahead.started
+
+    def _count_used(self, ahead: _Ahead, needed: set[int]) -> None:
+        """Count, at the first step routed through ``ahead``'s layer, how many guesses it used."""
+        if not ahead.counted:
+            ahead.counted = True
+            used = sum(1 for e, _ in ahead.misses if e in needed)
+            self.stats.prefetch_used += used
+            self.stats.prefetch_unused_bytes += (len(ahead.misses) - used) * ahead.record_bytes
+            self._precision = 0.8 * self._precision + 0.2 * used / len(ahead.misses)
 
     def settle_all(self) -> None:
         """Wait for every read in flight (before closing, or emptying the banks)."""

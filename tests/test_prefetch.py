@@ -206,10 +206,49 @@ def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch)
         assert True in confirmed and False in confirmed, len(prompts)
 
 
-@pytest.mark.parametrize("reader", ["python", pytest.param("native", marks=NATIVE_MARKS)])
+class _ReadsWhenWaited:
+    """A batch whose reads run only when waited for: the slowest disk there is, made
+    deterministic (a slot is read before its read lands unless the code waits for it)."""
+
+    def __init__(self, requests):
+        self._requests = list(requests)
+        self._done = [False] * len(self._requests)
+
+    def wait(self) -> None:
+        self.wait_for(0, len(self._requests))
+
+    def wait_for(self, start: int, stop: int) -> None:
+        from flashmoe.runtime.reader import preadv_full
+
+        for i in range(start, stop):
+            if not self._done[i]:
+                r = self._requests[i]
+                preadv_full(r.fd, r.buffers, r.offset, r.path)
+                self._done[i] = True
+
+    def done(self) -> bool:
+        return all(self._done)
+
+
+class _SlowDisk:
+    """A reader (real files, real preadv) whose reads land only when waited for."""
+
+    kind = "slow-disk"
+
+    def submit(self, requests):
+        return _ReadsWhenWaited(requests)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "reader", ["python", pytest.param("native", marks=NATIVE_MARKS), "slow-disk"]
+)
 def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkeypatch):
     """Read-ahead and presync together: the rows of guesses still landing at launch are
-    recomputed once landed; the logits stay stock mlx-lm's."""
+    recomputed once landed; the logits stay stock mlx-lm's. ``slow-disk``: reads land only
+    when waited for, so a row computed over a slot still being read cannot go unnoticed."""
     import mlx_lm
     from flashmoe.runtime.store import ExpertStore
 
@@ -226,11 +265,32 @@ def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkey
         landing.append(bool(launch and launch[1]))
         return launch
 
+    confirmed = []  # (every routed expert resident, other guesses of the layer still landing)
+    real_confirm = ExpertStore.confirm_resident
+
+    def spy_confirm(store, layer, experts):
+        in_flight = bool(store._in_flight(layer))
+        ok = real_confirm(store, layer, experts)
+        confirmed.append((ok, in_flight))
+        return ok
+
     monkeypatch.setattr(ExpertStore, "slots_before_sync", spy)
-    model, _ = load(str(out), bank_experts=8, prefetch="on", reader=reader)
+    monkeypatch.setattr(ExpertStore, "confirm_resident", spy_confirm)
+    model, _ = load(
+        str(out),
+        bank_experts=8,
+        prefetch="on",
+        reader="python" if reader == "slow-disk" else reader,
+    )
     store = model.flashmoe.store
+    if reader == "slow-disk":
+        store.reader.close()
+        store.reader = _SlowDisk()
     store.presync = True
     got = _step_logits(model, [prompt], tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     store.settle_all()
     assert store.stats.prefetch_experts > 0 and True in landing  # guesses landing at launch
+    # an all-hit step keeps its launched rows while unrouted guesses are still landing
+    assert (True, True) in confirmed
+    assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
