@@ -9,7 +9,8 @@ the store hands back. Tokens are processed expert-major: the union of the expert
 tokens (and all batch rows) is read once; when the union does not fit in the bank, the tokens
 are split into groups whose unions fit.
 
-Per MoE layer and decode token: 1 sync (the router ids; none once every expert is resident),
+Per MoE layer and decode token: 1 sync (the router ids; none once every expert is resident, as in
+a bank of every expert, filled at load),
 ``misses x split`` preadv calls in the native pool (one batch, GIL released), 0 copies (reads
 land in the bank), 0 expert arrays built. A step whose experts are all resident skips the
 request machinery (``ExpertStore.resident_slots``: one table lookup). With misses and hits, the
