@@ -16,20 +16,33 @@ from .worker import RESULT_MARK
 def run_worker(spec: dict, *, memory_cap: int | None = None, timeout: float = 3600) -> dict:
     """The worker's result dict, plus ``wall_seconds`` and, under a cap, ``cgroup`` figures.
 
-    A worker that dies (e.g. killed by the cgroup's OOM killer) gives ``{"error": ..., "oom": bool}``.
+    A worker that dies (e.g. killed by the cgroup's OOM killer) gives ``{"error": ..., "oom": bool}``;
+    one that runs past ``timeout`` seconds is killed and gives ``{"error": ..., "timed_out": True}``.
     """
     cmd = [sys.executable, "-m", "flashmoe.bench.worker", json.dumps(spec)]
     group = MemoryCgroup(memory_cap) if memory_cap else None
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            preexec_fn=group.preexec if group else None,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
+        try:
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                preexec_fn=group.preexec if group else None,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+        except subprocess.TimeoutExpired:  # the worker was killed
+            return {
+                # not a crash: on a fresh GPU machine the first run compiles MLX's kernels
+                "error": f"timed out after {timeout:g} s (--timeout; on a fresh GPU machine the "
+                "first run compiles MLX's kernels, which can take minutes: run again, or raise "
+                "--timeout)",
+                "returncode": None,
+                "oom": False,
+                "timed_out": True,
+                "wall_seconds": time.perf_counter() - t0,
+            }
         wall = time.perf_counter() - t0
         cg = None
         if group:

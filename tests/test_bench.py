@@ -224,3 +224,14 @@ def test_gpu_summary_pairs_alternating_rows_in_order():
         2,
     )
     assert other["bank"] == 10 and other["rows"] == 1
+
+
+def test_a_worker_past_its_timeout_is_a_clear_error(tmp_path):
+    """A measurement that runs too long (e.g. MLX compiling its kernels on a fresh GPU machine)
+    is killed and reported in one line, not as a crash of the bench."""
+    from flashmoe.bench.measure import run_worker
+
+    spec = {"engine": "mlx-lm", "path": str(tmp_path), "prompt": "x", "max_tokens": 1}
+    r = run_worker(spec, timeout=0.2)
+    assert r["timed_out"] and r["wall_seconds"] < 30
+    assert r["error"].startswith("timed out after 0.2 s (--timeout;") and "\n" not in r["error"]
