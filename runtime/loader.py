@@ -458,6 +458,7 @@ def load(
             bank_policy=bank_policy,
             hits_first=hits_first,
             fill_bank=fill_bank,
+            progress=progress and not quiet,
         )
 
     if group is None:
@@ -512,6 +513,7 @@ def _load_stage(
     bank_policy: str,
     hits_first: bool,
     fill_bank: bool | None,
+    progress: bool = False,
 ):
     """``load`` on this process: all the layout's layers, or this rank's stage of ``plan``."""
     tc = text_config(index.config)
@@ -602,7 +604,7 @@ def _load_stage(
         fill_bank = slots >= index.num_experts
     if fill_bank:
         try:
-            seconds = store.fill()
+            seconds = store.fill(progress)
         except BaseException:
             store.close()
             raise

@@ -297,18 +297,30 @@ class ExpertStore:
         """Every bank holds every expert of its layer: nothing is read or evicted again."""
         return self._complete
 
-    def fill(self) -> float:
+    def fill(self, progress: bool = False) -> float:
         """Read every expert of every layer into its bank (banks of every expert only), so that
-        decoding never syncs on a router; the counters start from zero afterwards. Returns the
-        seconds taken."""
+        decoding never syncs on a router; the counters start from zero afterwards. ``progress``:
+        a progress bar on stderr (a large model takes a while). Returns the seconds taken."""
         if self.slots < self.index.num_experts:
             raise ValueError(
                 f"a bank of {self.slots} slots cannot hold all {self.index.num_experts} experts"
             )
+        from tqdm import tqdm
+
         t0 = time.perf_counter()
         everything = list(range(self.index.num_experts))
-        for layer in self.banks:
-            self.ensure(layer, everything)
+        size = len(everything) * self.index.expert_bytes
+        with tqdm(
+            total=len(self.banks) * size,
+            unit="B",
+            unit_scale=True,
+            desc="reading every expert into the bank",
+            disable=not progress,
+            leave=False,
+        ) as bar:
+            for layer in self.banks:
+                self.ensure(layer, everything)
+                bar.update(size)
         self.filled = True
         self.stats.reset()
         return time.perf_counter() - t0
@@ -375,8 +387,8 @@ class ExpertStore:
 
     def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
         """Whether every one of ``experts`` (any shape) is resident, none of them still being
-        read (ahead) for ``layer``; if so, books them as a ``request`` without misses would (policy, counters),
-        minus its machinery (no fence: nothing is written)."""
+        read ahead for ``layer``; if so, books them as a ``request`` without misses would
+        (policy, counters), minus its machinery (no fence: nothing is written)."""
         return self._book_resident(layer, experts) is not None
 
     def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
