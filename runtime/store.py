@@ -300,7 +300,8 @@ class ExpertStore:
     def fill(self, progress: bool = False) -> float:
         """Read every expert of every layer into its bank (banks of every expert only), so that
         decoding never syncs on a router; the counters start from zero afterwards. ``progress``:
-        a progress bar on stderr (a large model takes a while). Returns the seconds taken."""
+        a progress bar on stderr when it is a terminal (a large model takes a while). Returns the
+        seconds taken."""
         if self.slots < self.index.num_experts:
             raise ValueError(
                 f"a bank of {self.slots} slots cannot hold all {self.index.num_experts} experts"
@@ -315,7 +316,7 @@ class ExpertStore:
             unit="B",
             unit_scale=True,
             desc="reading every expert into the bank",
-            disable=not progress,
+            disable=not (progress and sys.stderr.isatty()),
             leave=False,
         ) as bar:
             for layer in self.banks:
