@@ -219,6 +219,8 @@ class ExpertStore:
         make_policy(policy)  # refuses an unknown name now, not at the first bank
         self.policy = policy
         self._ahead: dict[int, _Ahead] = {}
+        # read-aheads that landed before their layer ran: their use is counted when it does
+        self._landed_ahead: dict[int, _Ahead] = {}
         self._ahead_areas: list[_Area] = []
         self._open: Pending | None = None  # the last request, until its misses landed
         # every bank holds every expert of its layer (``complete``; kept up to date by
@@ -384,6 +386,7 @@ class ExpertStore:
         """
         if not self.presync or self.trace is not None or self._open is not None:
             return None
+        self._land_if_done(layer)
         return self.banks[layer].device_table()[indices], self._in_flight(layer)
 
     def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
@@ -395,6 +398,7 @@ class ExpertStore:
     def resident_slots(self, layer: int, experts: np.ndarray) -> mx.array | None:
         """Slot ids of ``experts`` (any shape) when ``confirm_resident``; else None (the caller
         goes through ``request``). For the common decode step whose experts are all hits."""
+        self._land_if_done(layer)  # nothing is computed yet: landed guesses may be used
         slots = self._book_resident(layer, experts)
         return None if slots is None else mx.array(slots.astype(np.uint32))
 
@@ -407,15 +411,13 @@ class ExpertStore:
         if (slots < 0).any():
             return None
         unique = np.unique(experts)  # what request gets: distinct ids, in this order
-        ahead = self._ahead.get(layer)
-        if ahead is not None:
-            # guesses for this layer may still be landing: only a routed one must be waited
-            # for (``request`` does), the others keep landing in their own slots
-            routed = set(unique.tolist())
-            if not routed.isdisjoint(self._in_flight(layer)):
-                return None
-            self._count_used(ahead, routed)
-        bank.policy.touch(unique.tolist())
+        routed = unique.tolist()
+        # guesses for this layer may still be landing: only a routed one must be waited for
+        # (``request`` does), the others keep landing in their own slots
+        if layer in self._ahead and not self._in_flight(layer).isdisjoint(routed):
+            return None
+        self._note_routed(layer, set(routed))
+        bank.policy.touch(routed)
         self.stats.calls += 1
         self.stats.hits += unique.size
         return slots
@@ -487,6 +489,7 @@ class ExpertStore:
         t0 = time.perf_counter()
         self.land_open()
         needed = set(experts)
+        self._note_routed(layer, needed)
         self._settle(layer, needed=needed)
         keep = self._in_flight(layer)
         if len(keep | needed) > self.slots:  # no room beside the guesses still landing
@@ -556,6 +559,7 @@ class ExpertStore:
             return
         if layer in self._ahead:
             self._settle(layer)  # the last guesses for this layer (long landed by now)
+        self._note_routed(layer, set())  # guesses whose layer never ran: none was used
         area = None
         if self._staging is not None:
             area = self._free_ahead_area()
@@ -597,15 +601,10 @@ class ExpertStore:
         return area
 
     def _settle(self, layer: int, needed: set[int] | None = None) -> None:
-        """Land ``layer``'s read-ahead: the guesses in ``needed`` (all when None), the rest later.
-
-        The first call with ``needed`` counts how many guesses were used.
-        """
+        """Land ``layer``'s read-ahead: the guesses in ``needed`` (all when None), the rest later."""
         ahead = self._ahead.get(layer)
         if ahead is None:
             return
-        if needed is not None:
-            self._count_used(ahead, needed)
         partial = needed is not None and hasattr(ahead.batch, "wait_for")
         take = [
             i
@@ -632,6 +631,22 @@ class ExpertStore:
         if len(ahead.landed) == len(ahead.misses):
             del self._ahead[layer]
             self.stats.prefetch_seconds += time.perf_counter() - ahead.started
+            if not ahead.counted:  # landed before its layer ran
+                self._landed_ahead[layer] = ahead
+
+    def _land_if_done(self, layer: int) -> None:
+        """Land ``layer``'s read-ahead now if every read of it has finished (no waiting), so
+        that what is computed from here on may use its experts as resident."""
+        ahead = self._ahead.get(layer)
+        if ahead is not None and ahead.batch.done():
+            self._settle(layer)
+
+    def _note_routed(self, layer: int, routed: set[int]) -> None:
+        """``layer`` runs with ``routed`` experts: count how many of its guesses were used."""
+        ahead = self._ahead.get(layer) or self._landed_ahead.get(layer)
+        if ahead is not None:
+            self._count_used(ahead, routed)
+        self._landed_ahead.pop(layer, None)
 
     def _count_used(self, ahead: _Ahead, needed: set[int]) -> None:
         """Count, at the first step routed through ``ahead``'s layer, how many guesses it used."""
@@ -752,6 +767,7 @@ class ExpertStore:
         for bank in self.banks.values():
             bank.fence()
             bank.clear()
+        self._landed_ahead.clear()
         self._complete = self.filled = False
 
     def _check(self, layer: int, records) -> None:

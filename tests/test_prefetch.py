@@ -242,6 +242,20 @@ class _SlowDisk:
         pass
 
 
+class _ReadsAtSubmit:
+    """A reader whose reads are done when ``submit`` returns: the fastest disk there is."""
+
+    kind = "instant"
+
+    def submit(self, requests):
+        batch = _ReadsWhenWaited(requests)
+        batch.wait()
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     "reader", ["python", pytest.param("native", marks=NATIVE_MARKS), "slow-disk"]
 )
@@ -293,4 +307,38 @@ def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkey
     assert store.stats.prefetch_experts > 0 and True in landing  # guesses landing at launch
     # an all-hit step keeps its launched rows while unrouted guesses are still landing
     assert (True, True) in confirmed
+    assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
+
+
+def test_read_ahead_landed_before_its_layer_is_used_as_launched(layout, monkeypatch):
+    """Guesses whose reads have all finished when their layer launches its experts count as
+    resident for that launch: an all-hit step that routes to them keeps the launched rows
+    (no request, no recompute), and the logits stay stock mlx-lm's."""
+    import mlx_lm
+    from flashmoe.runtime.store import ExpertStore
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    stock, _ = mlx_lm.load(str(src))
+    tokens = [[t] for t in ref_tokens[:12]]
+    expected = _step_logits(stock, [prompt], tokens)
+    fast_with_guess = []  # layers whose all-hit step used a guess as launched
+    real_confirm = ExpertStore.confirm_resident
+
+    def spy(store, layer, experts):
+        used = store.stats.prefetch_used
+        ok = real_confirm(store, layer, experts)
+        if ok and store.stats.prefetch_used > used:
+            fast_with_guess.append(layer)
+        return ok
+
+    monkeypatch.setattr(ExpertStore, "confirm_resident", spy)
+    model, _ = load(str(out), bank_experts=8, prefetch="on", reader="python")
+    store = model.flashmoe.store
+    store.reader.close()
+    store.reader = _ReadsAtSubmit()
+    store.presync = True
+    got = _step_logits(model, [prompt], tokens)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert fast_with_guess
     assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
