@@ -636,9 +636,13 @@ class ExpertStore:
 
     def _land_if_done(self, layer: int) -> None:
         """Land ``layer``'s read-ahead now if every read of it has finished (no waiting), so
-        that what is computed from here on may use its experts as resident."""
+        that what is computed from here on may use its experts as resident. A reader's batch
+        without ``done()`` lands when waited for, as before."""
         ahead = self._ahead.get(layer)
-        if ahead is not None and ahead.batch.done():
+        if ahead is None:
+            return
+        done = getattr(ahead.batch, "done", None)
+        if done is not None and done():
             self._settle(layer)
 
     def _note_routed(self, layer: int, routed: set[int]) -> None:
