@@ -95,7 +95,8 @@ def direct_misalignment(
 class Batch:
     """A submitted batch; ``wait()`` blocks until every read finished and raises the first error.
 
-    ``wait_for(start, stop)`` waits for requests ``[start, stop)`` only (the rest stay in flight).
+    ``wait_for(start, stop)`` waits for requests ``[start, stop)`` only (the rest stay in flight);
+    ``done()`` and ``done_for(start, stop)`` ask without blocking.
     """
 
     def __init__(self, futures: list[Future]):
@@ -105,10 +106,7 @@ class Batch:
         self.wait_for(0, len(self._futures))
 
     def wait_for(self, start: int, stop: int) -> None:
-        if not 0 <= start <= stop <= len(self._futures):
-            raise IndexError(
-                f"wait_for({start}, {stop}) on a batch of {len(self._futures)} requests"
-            )
+        self._check_range("wait_for", start, stop)
         first: BaseException | None = None
         for f in self._futures[start:stop]:
             exc = f.exception()
@@ -119,6 +117,15 @@ class Batch:
 
     def done(self) -> bool:
         return all(f.done() for f in self._futures)
+
+    def done_for(self, start: int, stop: int) -> bool:
+        """Whether requests ``[start, stop)`` finished (does not block)."""
+        self._check_range("done_for", start, stop)
+        return all(f.done() for f in self._futures[start:stop])
+
+    def _check_range(self, name: str, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(self._futures):
+            raise IndexError(f"{name}({start}, {stop}) on a batch of {len(self._futures)} requests")
 
 
 class PythonReader:

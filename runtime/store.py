@@ -635,14 +635,23 @@ class ExpertStore:
                 self._landed_ahead[layer] = ahead
 
     def _land_if_done(self, layer: int) -> None:
-        """Land ``layer``'s read-ahead now if every read of it has finished (no waiting), so
-        that what is computed from here on may use its experts as resident. A reader's batch
-        without ``done()`` lands when waited for, as before."""
+        """Land the guesses of ``layer``'s read-ahead whose reads have finished (asking, not
+        waiting: ``done_for``, or ``done`` for the whole batch), so that what is computed from
+        here on may use them as resident. A batch with neither lands when waited for."""
         ahead = self._ahead.get(layer)
         if ahead is None:
             return
-        done = getattr(ahead.batch, "done", None)
-        if done is not None and done():
+        batch = ahead.batch
+        if hasattr(batch, "done_for") and hasattr(batch, "wait_for"):
+            per = len(self.plan)  # requests per expert, in expert order
+            ready = {
+                e
+                for i, (e, _) in enumerate(ahead.misses)
+                if i not in ahead.landed and batch.done_for(i * per, (i + 1) * per)
+            }
+            if ready:
+                self._settle(layer, needed=ready)
+        elif getattr(batch, "done", None) is not None and batch.done():
             self._settle(layer)
 
     def _note_routed(self, layer: int, routed: set[int]) -> None:

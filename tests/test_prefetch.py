@@ -229,6 +229,9 @@ class _ReadsWhenWaited:
     def done(self) -> bool:
         return all(self._done)
 
+    def done_for(self, start: int, stop: int) -> bool:
+        return all(self._done[start:stop])
+
 
 class _SlowDisk:
     """A reader (real files, real preadv) whose reads land only when waited for."""
@@ -243,13 +246,18 @@ class _SlowDisk:
 
 
 class _ReadsAtSubmit:
-    """A reader whose reads are done when ``submit`` returns: the fastest disk there is."""
+    """A reader whose reads are done when ``submit`` returns (the fastest disk there is), or
+    with ``every=2`` only every other one (the rest land when waited for)."""
 
     kind = "instant"
 
+    def __init__(self, every: int = 1):
+        self.every = every
+
     def submit(self, requests):
         batch = _ReadsWhenWaited(requests)
-        batch.wait()
+        for i in range(0, len(requests), self.every):
+            batch.wait_for(i, i + 1)
         return batch
 
     def close(self) -> None:
@@ -311,10 +319,12 @@ def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkey
     assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
 
 
-def test_read_ahead_landed_before_its_layer_is_used_as_launched(layout, monkeypatch):
-    """Guesses whose reads have all finished when their layer launches its experts count as
+@pytest.mark.parametrize("every", [1, 2])
+def test_read_ahead_landed_before_its_layer_is_used_as_launched(layout, monkeypatch, every):
+    """Guesses whose reads have finished when their layer launches its experts count as
     resident for that launch: an all-hit step that routes to them keeps the launched rows
-    (no request, no recompute), and the logits stay stock mlx-lm's."""
+    (no request, no recompute), and the logits stay stock mlx-lm's. ``every=2``: only every
+    other guess has landed, so the others are still in flight at the launch."""
     import mlx_lm
     from flashmoe.runtime.store import ExpertStore
 
@@ -333,13 +343,24 @@ def test_read_ahead_landed_before_its_layer_is_used_as_launched(layout, monkeypa
             fast_with_guess.append(layer)
         return ok
 
+    partly = []  # launches at which some guesses had landed and others were still in flight
+    real_land = ExpertStore._land_if_done
+
+    def spy_land(store, layer):
+        before = store._in_flight(layer)
+        real_land(store, layer)
+        after = store._in_flight(layer)
+        partly.append(bool(after) and after != before)
+
     monkeypatch.setattr(ExpertStore, "confirm_resident", spy)
+    monkeypatch.setattr(ExpertStore, "_land_if_done", spy_land)
     model, _ = load(str(out), bank_experts=8, prefetch="on", reader="python")
     store = model.flashmoe.store
     store.reader.close()
-    store.reader = _ReadsAtSubmit()
+    store.reader = _ReadsAtSubmit(every)
     store.presync = True
     got = _step_logits(model, [prompt], tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     assert fast_with_guess
+    assert (True in partly) == (every == 2)
     assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts

@@ -362,3 +362,18 @@ def test_wait_releases_the_gil(kind, datafile, fd):
         sys.setswitchinterval(old)
         stop.set()
         t.join()
+
+
+def test_done_for_asks_about_part_of_a_batch_without_blocking(reader, datafile, fd):
+    path, data = datafile
+    bufs = [bytearray(4096) for _ in range(3)]
+    batch = reader.submit(
+        [ReadRequest(fd, i * 4096, (memoryview(b),), path) for i, b in enumerate(bufs)]
+    )
+    batch.wait_for(0, 1)
+    assert batch.done_for(0, 1) and batch.done_for(1, 1)  # an empty range is done
+    with pytest.raises(IndexError):
+        batch.done_for(0, 4)
+    batch.wait()
+    assert batch.done_for(0, 3) and batch.done()
+    assert b"".join(bufs) == data[: 3 * 4096].tobytes()

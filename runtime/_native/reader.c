@@ -363,6 +363,28 @@ static PyObject *Batch_wait_for(BatchObject *b, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* done_for(start, stop): whether jobs [start, stop) have retired (does not block): their reads,
+ * and device copies, are finished, so wait_for(start, stop) would return at once. */
+static PyObject *Batch_done_for(BatchObject *b, PyObject *args)
+{
+    Py_ssize_t start, stop;
+    int done = 1;
+    if (!PyArg_ParseTuple(args, "nn", &start, &stop))
+        return NULL;
+    if (start < 0 || stop > b->njobs || start > stop) {
+        PyErr_Format(PyExc_IndexError, "done_for(%zd, %zd) on a batch of %zd requests", start, stop,
+                     b->njobs);
+        return NULL;
+    }
+    if (b->released || b->pool == NULL)
+        Py_RETURN_TRUE;
+    pthread_mutex_lock(&b->pool->mu);
+    for (Py_ssize_t i = start; done && i < stop; i++)
+        done = b->jobs[i].retired;
+    pthread_mutex_unlock(&b->pool->mu);
+    return PyBool_FromLong(done);
+}
+
 static PyObject *Batch_done(BatchObject *b, PyObject *Py_UNUSED(ignored))
 {
     Pool *p = b->pool;
@@ -400,6 +422,8 @@ static PyMethodDef Batch_methods[] = {
      "wait_for(start, stop): block (GIL released) until requests [start, stop) finished; raise the "
      "first error among them as ReadError. The rest stay in flight."},
     {"done", (PyCFunction)Batch_done, METH_NOARGS, "True when every read finished (does not block)."},
+    {"done_for", (PyCFunction)Batch_done_for, METH_VARARGS,
+     "done_for(start, stop): True when requests [start, stop) finished (does not block)."},
     {NULL},
 };
 
