@@ -34,7 +34,8 @@ class NativeReader:
     """Native thread-pool reader: one ``preadv`` per request on persistent pthreads.
 
     ``submit(requests)`` returns a batch with ``wait()`` (GIL released; raises ``ReadError`` naming
-    errno, path, offset and length; end of file is an error) and ``done()``. Requests on an
+    errno, path, offset and length; end of file is an error), ``wait_for(start, stop)``, and
+    ``done()`` / ``done_for(start, stop)`` (non-blocking). Requests on an
     ``O_DIRECT`` descriptor are checked for ``direct_alignment`` (offset, every buffer's address and
     length) at submit; a misaligned one raises ``ReadError`` (EINVAL) saying which, and nothing of the
     batch is issued. Requests may also be plain ``(fd, offset, buffers, path)`` tuples (cheaper).

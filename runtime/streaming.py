@@ -24,7 +24,8 @@ expert was resident (else the missed experts' rows are recomputed once read, one
 step is computed again, several). With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting;
-the rows launched before the sync for guesses still landing then are recomputed once landed.
+guesses already read when their layer launches its experts are landed first (counted as
+resident), and the rows launched for guesses still landing are recomputed once landed.
 With a routing trace, every call syncs.
 """
 
