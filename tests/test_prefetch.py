@@ -312,11 +312,11 @@ def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkey
     got = _step_logits(model, [prompt], tokens)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     store.settle_all()
-    assert store.stats.prefetch_experts > 0 and True in landing  # guesses landing at launch
-    if reader == "slow-disk":  # the others land most guesses before their layer runs
+    assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
+    if reader == "slow-disk":  # real readers land most guesses before their layer launches
+        assert True in landing  # guesses still landing at launch: their rows were recomputed
         # an all-hit step keeps its launched rows while unrouted guesses are still landing
         assert (True, True) in confirmed
-    assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
 
 
 @pytest.mark.parametrize("every", [1, 2])
