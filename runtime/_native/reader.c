@@ -329,18 +329,27 @@ static PyObject *Batch_wait(BatchObject *b, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Parse (start, stop) for the method `name`: a range of the batch's jobs. 0 on success. */
+static int parse_range(BatchObject *b, PyObject *args, const char *name, Py_ssize_t *start,
+                       Py_ssize_t *stop)
+{
+    if (!PyArg_ParseTuple(args, "nn", start, stop))
+        return -1;
+    if (*start < 0 || *stop > b->njobs || *start > *stop) {
+        PyErr_Format(PyExc_IndexError, "%s(%zd, %zd) on a batch of %zd requests", name, *start,
+                     *stop, b->njobs);
+        return -1;
+    }
+    return 0;
+}
+
 /* wait_for(start, stop): block (GIL released) until jobs [start, stop) retired; raise the first
  * error among them. The others stay in flight and the buffers stay held until the whole batch ends. */
 static PyObject *Batch_wait_for(BatchObject *b, PyObject *args)
 {
     Py_ssize_t start, stop;
-    if (!PyArg_ParseTuple(args, "nn", &start, &stop))
+    if (parse_range(b, args, "wait_for", &start, &stop) < 0)
         return NULL;
-    if (start < 0 || stop > b->njobs || start > stop) {
-        PyErr_Format(PyExc_IndexError, "wait_for(%zd, %zd) on a batch of %zd requests", start, stop,
-                     b->njobs);
-        return NULL;
-    }
     if (!b->released && b->pool != NULL) {
         Pool *p = b->pool;
         int all_done;
@@ -369,13 +378,8 @@ static PyObject *Batch_done_for(BatchObject *b, PyObject *args)
 {
     Py_ssize_t start, stop;
     int done = 1;
-    if (!PyArg_ParseTuple(args, "nn", &start, &stop))
+    if (parse_range(b, args, "done_for", &start, &stop) < 0)
         return NULL;
-    if (start < 0 || stop > b->njobs || start > stop) {
-        PyErr_Format(PyExc_IndexError, "done_for(%zd, %zd) on a batch of %zd requests", start, stop,
-                     b->njobs);
-        return NULL;
-    }
     if (b->released || b->pool == NULL)
         Py_RETURN_TRUE;
     pthread_mutex_lock(&b->pool->mu);
