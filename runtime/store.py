@@ -416,7 +416,7 @@ class ExpertStore:
         # (``request`` does), the others keep landing in their own slots
         if layer in self._ahead and not self._in_flight(layer).isdisjoint(routed):
             return None
-        self._note_routed(layer, set(routed))
+        self._note_routed(layer, routed)
         bank.policy.touch(routed)
         self.stats.calls += 1
         self.stats.hits += unique.size
@@ -559,7 +559,7 @@ class ExpertStore:
             return
         if layer in self._ahead:
             self._settle(layer)  # the last guesses for this layer (long landed by now)
-        self._note_routed(layer, set())  # guesses whose layer never ran: none was used
+        self._note_routed(layer, ())  # guesses whose layer never ran: none was used
         area = None
         if self._staging is not None:
             area = self._free_ahead_area()
@@ -654,17 +654,18 @@ class ExpertStore:
         elif getattr(batch, "done", None) is not None and batch.done():
             self._settle(layer)
 
-    def _note_routed(self, layer: int, routed: set[int]) -> None:
+    def _note_routed(self, layer: int, routed: Iterable[int]) -> None:
         """``layer`` runs with ``routed`` experts: count how many of its guesses were used."""
-        ahead = self._ahead.get(layer) or self._landed_ahead.get(layer)
+        landed = self._landed_ahead.pop(layer, None)
+        ahead = self._ahead.get(layer) or landed
         if ahead is not None:
             self._count_used(ahead, routed)
-        self._landed_ahead.pop(layer, None)
 
-    def _count_used(self, ahead: _Ahead, needed: set[int]) -> None:
+    def _count_used(self, ahead: _Ahead, needed: Iterable[int]) -> None:
         """Count, at the first step routed through ``ahead``'s layer, how many guesses it used."""
         if not ahead.counted:
             ahead.counted = True
+            needed = set(needed)
             used = sum(1 for e, _ in ahead.misses if e in needed)
             self.stats.prefetch_used += used
             self.stats.prefetch_unused_bytes += (len(ahead.misses) - used) * ahead.record_bytes
