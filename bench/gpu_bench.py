@@ -60,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(all at the next sync); e.g. presync,on",
     )
     p.add_argument("--policies", default="lfu", help="bank policies to compare, e.g. lfu,lru")
+    p.add_argument(
+        "--decode",
+        choices=("spread", "greedy"),
+        default="spread",
+        help="decoded tokens: spread (greedy plus a seeded offset per step, so the routing "
+        "varies as in real text; default) or greedy (a random-weight model repeats itself: "
+        "after the prompt, next to no misses)",
+    )
     p.add_argument("--io-threads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -84,19 +92,41 @@ def _banks(spec: str, num_experts: int, top_k: int) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def _decode(model, prompt, tokens: int):
-    """(first-step seconds, decode tok/s, token ids) through mlx-lm's own ``generate_step``."""
+def spread_sampler(seed: int = 0):
+    """The greedy token plus a seeded pseudo-random offset per step, modulo the vocabulary.
+
+    Greedy decoding of a random-weight model soon repeats itself, and so does its routing: after
+    the prompt every expert it routes to is resident (measured: 100 % hits at a 25 % bank) and
+    no decode step misses. The offsets keep the tokens, and so the routing, varied; each step
+    still depends on the last one's logits, as in real decoding, and the stream is the same for
+    every model that computes the same logits.
+    """
+    import mlx.core as mx
+
+    rng = random.Random(seed)
+
+    def sample(logits):
+        return (mx.argmax(logits, axis=-1) + rng.randrange(1, 1 << 20)) % logits.shape[-1]
+
+    return sample
+
+
+def _decode(model, prompt, tokens: int, on_first=None, spread: bool = False):
+    """(first-step seconds, decode tok/s, token ids) through mlx-lm's own ``generate_step``,
+    greedy or (``spread``) with ``spread_sampler``; ``on_first()`` runs when the first token
+    arrives (the prompt's work is done then)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     ids = []
     t0 = time.perf_counter()
     first = t1 = None
-    for tok, _ in generate_step(
-        mx.array(prompt), model, max_tokens=tokens, sampler=lambda x: mx.argmax(x, axis=-1)
-    ):
+    sampler = spread_sampler() if spread else (lambda x: mx.argmax(x, axis=-1))
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens, sampler=sampler):
         ids.append(int(tok))
         if first is None:
+            if on_first is not None:
+                on_first()
             t1 = time.perf_counter()
             first = t1 - t0
     rate = (len(ids) - 1) / (time.perf_counter() - t1) if len(ids) > 1 else 0.0
@@ -215,8 +245,11 @@ def run(args) -> int:
     stock, _ = lm_load(str(src))
     ref_logits = _prefill_logits(stock, prompt)
     compile_s = time.perf_counter() - t
-    _decode(stock, prompt, 4)  # compiles the decode kernels
-    stock_runs = [_decode(stock, prompt, args.tokens) for _ in range(max(1, args.repeat))]
+    _decode(stock, prompt, 4, spread=args.decode == "spread")  # compiles the decode kernels
+    stock_runs = [
+        _decode(stock, prompt, args.tokens, spread=args.decode == "spread")
+        for _ in range(max(1, args.repeat))
+    ]
     stock_ids = stock_runs[0][2]
     stock_tps = statistics.median(r[1] for r in stock_runs)
     print(
@@ -360,19 +393,32 @@ def _measure(
         out["prefill_identical"] = bool(mx.array_equal(logits, ref_logits).item())
         # compile this row's decode kernels (e.g. the full bank's id->slot gather) off the clock,
         # as stock mlx-lm's warm-up does; partial banks are emptied again below
-        _decode(model, prompt, 4)
+        _decode(model, prompt, 4, spread=args.decode == "spread")
         runs = []
         for _ in range(max(1, args.repeat)):
             if not full:
                 store.clear_banks()
                 if cold:
                     pagecache.drop(files)
-            store.stats.reset()
-            first, rate, ids = _decode(model, prompt, args.tokens)
             s = store.stats
-            n = max(1, len(ids))
+            s.reset()
+            prompt_io = {}
+
+            def decode_only(s=s, prompt_io=prompt_io):
+                # the prompt's reads (a fresh bank reads the union of its experts, none ahead)
+                # are reported apart: the per-token counters below are the decode steps'
+                prompt_io.update(prompt_mb=s.bytes_read / 1e6, prompt_io_ms=s.io_seconds * 1000)
+                s.reset()
+
+            first, rate, ids = _decode(
+                model, prompt, args.tokens, on_first=decode_only, spread=args.decode == "spread"
+            )
+            # generate_step builds each step before it yields the last: the counters cover the
+            # steps after the first token, one per token counted by ``rate``
+            n = max(1, len(ids) - 1)
             runs.append(
                 dict(
+                    **prompt_io,
                     tok_s=rate,
                     ttft_ms=first * 1000,
                     hit_rate=s.hit_rate,
@@ -401,12 +447,12 @@ def _measure(
         try:
             if cold and not full:
                 pagecache.drop(files)
-            _decode(model, prompt, 2)
+            _decode(model, prompt, 2, spread=args.decode == "spread")
             if not full:
                 model.flashmoe.store.clear_banks()
             tm = model.flashmoe.timing
             tm.reset()
-            _, _, ids = _decode(model, prompt, args.tokens)
+            _, _, ids = _decode(model, prompt, args.tokens, spread=args.decode == "spread")
             n = max(1, len(ids))
             out.update(
                 dense_ms=tm.dense * 1000 / n,

@@ -197,6 +197,12 @@ class ExpertStore:
             )
         self.prefetch_mode = prefetch
         self.hits_first = hits_first
+        # Hits first computes a step's experts in two calls. Each routed expert's row is the
+        # same whatever else is in the call on MLX's CPU backend (and the tiny test models on
+        # CUDA), but not on CUDA at real sizes: at the 397B geometry a gather_qmm of 1-5 of the
+        # 10 experts gives other bits than the 10-expert call (H200, measured), so there a step
+        # with misses is computed whole once they landed.
+        self.rows_exact = not cuda.on_cuda()
         # Start evaluating a decode step's expert output as soon as it is built, so the GPU computes
         # the experts while Python builds the rest of the layer and the next one (a benchmark
         # knob: off reproduces the lazy path for A/B runs).

@@ -229,7 +229,9 @@ class StreamingSwitchGLU(nn.Module):
             redo |= landing & set(unique.tolist())  # landed by now (request waited for them)
         if ahead is not None and not redo:  # every routed expert was resident at launch
             out = ahead
-        elif redo and len(redo) < unique.size and store.hits_first and one_token:
+        elif (
+            redo and len(redo) < unique.size and store.hits_first and store.rows_exact and one_token
+        ):
             out = self._hits_first(x, experts, pending, redo, ahead)
         else:
             pending.wait()

@@ -235,3 +235,19 @@ def test_a_worker_past_its_timeout_is_a_clear_error(tmp_path):
     r = run_worker(spec, timeout=0.2)
     assert r["timed_out"] and r["wall_seconds"] < 30
     assert r["error"].startswith("timed out after 0.2 s (--timeout;") and "\n" not in r["error"]
+
+
+def test_spread_sampler_varies_the_tokens_and_follows_the_logits():
+    """The gpu bench's decoded tokens: greedy plus a seeded offset, the same stream for the same
+    logits (so stock mlx-lm and flashmoe can be compared token for token)."""
+    import mlx.core as mx
+    from flashmoe.bench.gpu_bench import spread_sampler
+
+    logits = mx.zeros((1, 100)).at[0, 7].add(1.0)
+    a, b = spread_sampler(), spread_sampler()
+    first = [int(a(logits).item()) for _ in range(8)]
+    assert first == [int(b(logits).item()) for _ in range(8)]
+    assert len(set(first)) > 4  # not one repeated token
+    other = mx.zeros((1, 100)).at[0, 8].add(1.0)
+    c = spread_sampler()
+    assert [(int(c(other).item()) - 1) % 100 for _ in range(8)] == first

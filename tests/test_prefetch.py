@@ -127,6 +127,29 @@ def test_hits_first_is_bit_identical(layout, monkeypatch):
     assert tokens == ref_tokens and not calls
 
 
+def test_where_rows_are_not_exact_a_step_with_misses_is_computed_whole(layout, monkeypatch):
+    """On CUDA at real sizes an expert's row depends on what else is in its gather_qmm call
+    (``ExpertStore.rows_exact`` False): no step is split into hits and misses, presync or not,
+    and every decode step's logits stay stock mlx-lm's."""
+    import mlx_lm
+    from flashmoe.runtime.streaming import StreamingSwitchGLU
+
+    calls = []
+    monkeypatch.setattr(StreamingSwitchGLU, "_hits_first", lambda *a: calls.append(a))
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    stock, _ = mlx_lm.load(str(src))
+    tokens = [[t] for t in ref_tokens[:10]]
+    expected = _step_logits(stock, [prompt], tokens)
+    for presync in (True, False):
+        model, _ = load(str(out), bank_experts=6)
+        store = model.flashmoe.store
+        store.rows_exact, store.presync = False, presync
+        got = _step_logits(model, [prompt], tokens)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert store.stats.misses > 0 and not calls
+
+
 def test_early_commits_are_bit_identical_and_keep_parameters(layout, monkeypatch):
     """Decoder-layer modules hand decode steps' output to MLX early (GPU default): same output,
     same parameter tree."""
