@@ -3,9 +3,11 @@
 Built for short leases on an accelerator (MLX CUDA or Metal): the kernels compile once, and every
 row reuses them. Per configuration (bank size x residency mode x warm/cold):
 
-- prefill logits of the prompt and ``--tokens`` greedy tokens, compared bit for bit with stock
-  mlx-lm on the source checkpoint (same prompt, same ``generate_step`` loop);
-- decode tok/s (after the first token), TTFT, hit rate, MB read and expert I/O ms per token;
+- prefill logits of the prompt and ``--tokens`` decoded tokens (``--decode``: spread, the default,
+  or greedy), compared with stock mlx-lm on the source checkpoint (same prompt, same
+  ``generate_step`` loop);
+- decode tok/s (after the first token), TTFT, and over the decode steps only (the prompt's reads
+  are in ``prompt_mb`` / ``prompt_io_ms``): hit rate, MB read and expert I/O ms per token;
 - with ``--timing``, a second pass with a sync per phase: dense, router sync and expert compute
   ms per token.
 
