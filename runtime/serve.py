@@ -641,43 +641,45 @@ def _serve_ranks(args: argparse.Namespace, model, tokenizer, group) -> int:
     then stops every rank's loop (shared as a request), all exit with its code. A rank that
     dies or stops answering ends the others (the watchdog, or MLX's lost connection: exit 2,
     one line from rank 0)."""
-    from .group import LOST_LINE, RankError, barrier, lost_connection, waiting
+    from .group import LOST_LINE, RankError, barrier, lost_connection, reporting, waiting
 
     rank, rt = group.rank(), model.flashmoe
-    finished = False
-    try:
-        httpd, generator = make_server(args, model, tokenizer, group)
-        progress = lambda: (rt.store.stats.calls, generator.rounds)  # noqa: E731
-        code = 0
-        with waiting("serving", rank=rank, progress=progress):
-            if httpd is None:
-                code = _follow(generator)
-            else:
-                host, port = httpd.server_address[:2]
+    # a lost rank can also surface outside the generation loop (a barrier, the stop)
+    with reporting(group):
+        finished = False
+        try:
+            httpd, generator = make_server(args, model, tokenizer, group)
+            progress = lambda: (rt.store.stats.calls, generator.rounds)  # noqa: E731
+            code = 0
+            with waiting("serving", rank=rank, progress=progress):
+                if httpd is None:
+                    code = _follow(generator)
+                else:
+                    host, port = httpd.server_address[:2]
+                    print(
+                        f"{PROG}: serving {args.model} on http://{host}:{port} ({group.size()} ranks)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    try:
+                        httpd.serve_forever()
+                    except KeyboardInterrupt:
+                        code = 130
+                    finally:
+                        httpd.server_close()
+                        generator.stop_and_join(code if generator.fatal is None else 1)
+            if generator.fatal is not None:
+                if lost_connection(generator.fatal):
+                    raise RankError(LOST_LINE, silent=rank != 0)
                 print(
-                    f"{PROG}: serving {args.model} on http://{host}:{port} ({group.size()} ranks)",
+                    f"{_prog(rank)}: error: generation failed: {error_line(generator.fatal)}",
                     file=sys.stderr,
-                    flush=True,
                 )
-                try:
-                    httpd.serve_forever()
-                except KeyboardInterrupt:
-                    code = 130
-                finally:
-                    httpd.server_close()
-                    generator.stop_and_join(code if generator.fatal is None else 1)
-        if generator.fatal is not None:
-            if lost_connection(generator.fatal):
-                raise RankError(LOST_LINE, silent=rank != 0)
-            print(
-                f"{_prog(rank)}: error: generation failed: {error_line(generator.fatal)}",
-                file=sys.stderr,
-            )
-            return 1
-        barrier(group, "finishing")
-        finished = True
-    finally:
-        rt.close(gather=finished)  # rank 0's --trace gets every rank's layers
+                return 1
+            barrier(group, "finishing")
+            finished = True
+        finally:
+            rt.close(gather=finished)  # rank 0's --trace gets every rank's layers
     if rank == 0 and code == 130:
         raise KeyboardInterrupt  # "interrupted", as one process
     return code if rank == 0 else generator.stop_code or 0
