@@ -373,8 +373,8 @@ def load(
             Default: ``"lfu"`` (LFU with ageing: it read 3-22 % fewer bytes than LRU on every
             realistic trace measured, ``benchmarks/RESULTS.md``).
         hits_first (bool): In a decode step with misses, compute the resident experts while the
-            misses are read (the same output: each expert's rows are computed alone either way).
-            Default: ``True``.
+            misses are read (the same output where an expert's rows do not depend on the rest of
+            its call; not on CUDA at real sizes, where it has no effect). Default: ``True``.
         fill_bank (bool, optional): Read every expert into the bank at load, so that no decode
             step syncs on its router (a bank of every expert only: the model then runs as stock
             mlx-lm does, from the first token). ``False`` reads each expert when first routed,

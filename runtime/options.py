@@ -81,7 +81,7 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         choices=("on", "off"),
         default="on",
         help="in a decode step with misses, compute the resident experts while the misses are "
-        "read (default on; same output)",
+        "read (default on; same output; no effect on CUDA, where it would change the bits)",
     )
     s.add_argument(
         "--bank-policy",

@@ -14,18 +14,21 @@ a bank of every expert, filled at load),
 ``misses x split`` preadv calls in the native pool (one batch, GIL released), 0 copies (reads
 land in the bank), 0 expert arrays built. A step whose experts are all resident skips the
 request machinery (``ExpertStore.resident_slots``: one table lookup). With misses and hits, the
-hits are computed while the misses are read (``hits_first``); the expert output is handed to MLX
+hits are computed while the misses are read (``hits_first``; where a routed expert's row depends
+on what else is in its gather_qmm call, as on CUDA at real sizes, ``ExpertStore.rows_exact`` is
+False and such a step waits and is computed whole); the expert output is handed to MLX
 for evaluation at once (``ExpertStore.eager``), so the GPU computes it while Python builds the
 rest of the step. On CUDA the layer's attention output is handed over as soon as it is built
 (``commit_early``), and a decode step's experts are launched *before* the router sync over the
 bank's device table (expert -> slot, ``ExpertStore.slots_before_sync``): the sync waits for the
 router alone while the GPU has the experts queued behind it, and then only confirms that every
-expert was resident (else the missed experts' rows are recomputed once read, one token; or the
-step is computed again, several). With
+expert was resident (else the step is computed again once the misses are read: with hits first
+and exact rows, one token recomputes only the missed experts' rows). With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting;
 guesses already read when their layer launches its experts are landed first (counted as
-resident), and the rows launched for guesses still landing are recomputed once landed.
+resident), and a step that routed to guesses still landing is recomputed (those rows, or whole)
+once they landed.
 With a routing trace, every call syncs.
 """
 
@@ -218,8 +221,9 @@ class StreamingSwitchGLU(nn.Module):
     ) -> mx.array:
         """``ahead``: this step's expert output launched before the sync, whose rows are final
         for the experts resident then, except those in ``landing`` (read ahead, still being
-        read at launch: ``slots_before_sync``); with hits first, one token keeps those rows
-        (several tokens' partial outputs would not be bit-identical on CUDA)."""
+        read at launch: ``slots_before_sync``); with hits first and exact rows
+        (``ExpertStore.rows_exact``), one token keeps those rows (several tokens' partial
+        outputs would not be bit-identical on CUDA)."""
         store = self._store
         pending = store.request(self.layer, unique.tolist())
         glu = self._original.glu
