@@ -113,17 +113,17 @@ def spread_sampler(seed: int = 0):
     return sample
 
 
-def _decode(model, prompt, tokens: int, on_first=None, spread: bool = False):
+def _decode(model, prompt, tokens: int, on_first=None, decode: str = "greedy"):
     """(first-step seconds, decode tok/s, token ids) through mlx-lm's own ``generate_step``,
-    greedy or (``spread``) with ``spread_sampler``; ``on_first()`` runs when the first token
-    arrives (the prompt's work is done then)."""
+    ``decode`` greedy or ``spread`` (``spread_sampler``); ``on_first()`` runs when the first
+    token arrives (the prompt's work is done then)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     ids = []
     t0 = time.perf_counter()
     first = t1 = None
-    sampler = spread_sampler() if spread else (lambda x: mx.argmax(x, axis=-1))
+    sampler = spread_sampler() if decode == "spread" else (lambda x: mx.argmax(x, axis=-1))
     for tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens, sampler=sampler):
         ids.append(int(tok))
         if first is None:
@@ -247,10 +247,9 @@ def run(args) -> int:
     stock, _ = lm_load(str(src))
     ref_logits = _prefill_logits(stock, prompt)
     compile_s = time.perf_counter() - t
-    _decode(stock, prompt, 4, spread=args.decode == "spread")  # compiles the decode kernels
+    _decode(stock, prompt, 4, decode=args.decode)  # compiles the decode kernels
     stock_runs = [
-        _decode(stock, prompt, args.tokens, spread=args.decode == "spread")
-        for _ in range(max(1, args.repeat))
+        _decode(stock, prompt, args.tokens, decode=args.decode) for _ in range(max(1, args.repeat))
     ]
     stock_ids = stock_runs[0][2]
     stock_tps = statistics.median(r[1] for r in stock_runs)
@@ -395,7 +394,7 @@ def _measure(
         out["prefill_identical"] = bool(mx.array_equal(logits, ref_logits).item())
         # compile this row's decode kernels (e.g. the full bank's id->slot gather) off the clock,
         # as stock mlx-lm's warm-up does; partial banks are emptied again below
-        _decode(model, prompt, 4, spread=args.decode == "spread")
+        _decode(model, prompt, 4, decode=args.decode)
         runs = []
         for _ in range(max(1, args.repeat)):
             if not full:
@@ -413,7 +412,7 @@ def _measure(
                 s.reset()
 
             first, rate, ids = _decode(
-                model, prompt, args.tokens, on_first=decode_only, spread=args.decode == "spread"
+                model, prompt, args.tokens, on_first=decode_only, decode=args.decode
             )
             # generate_step builds each step before it yields the last: the counters cover the
             # steps after the first token, one per token counted by ``rate``
@@ -449,12 +448,12 @@ def _measure(
         try:
             if cold and not full:
                 pagecache.drop(files)
-            _decode(model, prompt, 2, spread=args.decode == "spread")
+            _decode(model, prompt, 2, decode=args.decode)
             if not full:
                 model.flashmoe.store.clear_banks()
             tm = model.flashmoe.timing
             tm.reset()
-            _, _, ids = _decode(model, prompt, args.tokens, spread=args.decode == "spread")
+            _, _, ids = _decode(model, prompt, args.tokens, decode=args.decode)
             n = max(1, len(ids))
             out.update(
                 dense_ms=tm.dense * 1000 / n,
