@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="presync",
         help="decode steps' work handed to MLX as soon as built: presync (the experts launched "
         "before the router sync, the attention committed early), presync-norms (the norms "
-        "too), presync-bare (no early commit), on (no presync; the expert output and the "
+        "too), presync-bare (no early commit), presync-nowait (a layer launches its experts "
+        "without waiting for its guesses still landing), on (no presync; the expert output and the "
         "decoder layers' other modules committed early), experts (the expert output only), off "
         "(all at the next sync); e.g. presync,on",
     )
@@ -467,7 +468,7 @@ def _measure(
     return out
 
 
-EAGER = ("presync", "presync-norms", "presync-bare", "on", "experts", "off")
+EAGER = ("presync", "presync-norms", "presync-bare", "presync-nowait", "on", "experts", "off")
 
 
 def _eager_label(mode) -> str:
@@ -482,9 +483,10 @@ def _set_eager(store, mode: str) -> None:
     if mode not in EAGER:
         raise BenchError(f"--eager takes {', '.join(EAGER)}, not {mode!r}")
     store.eager = mode != "off"
-    store.eager_layers = mode in ("presync", "presync-norms", "on")
+    store.eager_layers = mode in ("presync", "presync-norms", "presync-nowait", "on")
     store.early_norms = mode in ("presync-norms", "on")
     store.presync = mode.startswith("presync")
+    store.guesses_before_launch = mode != "presync-nowait"
 
 
 def _config_label(r: dict) -> str:

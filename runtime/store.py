@@ -165,6 +165,9 @@ PREFETCH_MODES = ("off", "on", "auto")
 # auto: read ahead only while recent precision stays above this (probing every 16th call when
 # below), and only with a bank of at least 2 x top-k slots (room for guesses beside the hits).
 _AUTO_MIN_PRECISION = 0.3
+# With presync, a layer whose guesses are still landing waits for them before launching its
+# experts while recent precision is at least this (most steps then route to one of them).
+_WAIT_PRECISION = 0.5
 
 
 class ExpertStore:
@@ -220,6 +223,10 @@ class ExpertStore:
         # The decoder layers' norms too (a benchmark knob: measured, no gain with ``presync``,
         # whose router commit follows the post-attention norm at once).
         self.early_norms = False
+        # With presync, a layer whose read-ahead is still landing waits for it before launching
+        # its experts (``slots_before_sync``; a benchmark knob: False launches at once and
+        # recomputes the steps routed to a guess that was still landing).
+        self.guesses_before_launch = True
         from ..metal.policies import make_policy
 
         make_policy(policy)  # refuses an unknown name now, not at the first bank
@@ -392,7 +399,15 @@ class ExpertStore:
         """
         if not self.presync or self.trace is not None or self._open is not None:
             return None
-        self._land_if_done(layer)
+        wait = self.guesses_before_launch and self._precision >= _WAIT_PRECISION
+        if wait and layer in self._ahead:
+            # the step most likely routes to a guess still landing, and a launch over it would
+            # be computed again: wait for the guesses (the router runs on the GPU meanwhile)
+            t0 = time.perf_counter()
+            self._settle(layer)
+            self.stats.io_seconds += time.perf_counter() - t0
+        else:
+            self._land_if_done(layer)
         return self.banks[layer].device_table()[indices], self._in_flight(layer)
 
     def confirm_resident(self, layer: int, experts: np.ndarray) -> bool:
@@ -496,7 +511,8 @@ class ExpertStore:
         self.land_open()
         needed = set(experts)
         self._note_routed(layer, needed)
-        self._settle(layer, needed=needed)
+        # guesses still landing keep their slots (a routed one counts as a hit): the misses'
+        # reads are submitted first, and the routed guesses are waited for after that
         keep = self._in_flight(layer)
         if len(keep | needed) > self.slots:  # no room beside the guesses still landing
             self._settle(layer)
@@ -527,6 +543,7 @@ class ExpertStore:
             self._open = pending
             if bank.complete:  # the last expert of this bank: maybe of every bank
                 self._complete = all(b.complete for b in self.banks.values())
+        self._settle(layer, needed=needed)  # the routed guesses, while the misses are read
         self.stats.io_seconds += time.perf_counter() - t0
         return pending
 

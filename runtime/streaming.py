@@ -27,8 +27,11 @@ and exact rows, one token recomputes only the missed experts' rows). With
 read-ahead (``--prefetch``) the same sync also evaluates the next layer's router on this layer's
 input, and one more batch (the guessed misses of the next layer) is submitted without waiting;
 guesses already read when their layer launches its experts are landed first (counted as
-resident), and a step that routed to guesses still landing is recomputed (those rows, or whole)
-once they landed.
+resident). Guesses still landing then are waited for before the launch (the router runs on the
+GPU meanwhile) while recent precision is at least one half, since the step most likely routes
+to one of them; below that, a step that routed to guesses still landing is recomputed (those
+rows, or whole) once they landed. A request submits its misses' reads before it waits for the
+guesses it routed to.
 With a routing trace, every call syncs.
 """
 
@@ -161,12 +164,18 @@ class StreamingSwitchGLU(nn.Module):
             # the next layer's router on this layer's input: evaluated in the same sync
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
         decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
-        launch = store.slots_before_sync(self.layer, indices) if decode else None
+        launch = None
+        if decode and store.presync:
+            # the router first (the sync waits for it): it runs while guesses still landing
+            # for this layer are waited for
+            mx.async_eval(indices, *([] if guess is None else [guess]))
+            io = stats.io_seconds
+            launch = store.slots_before_sync(self.layer, indices)
+            t0 += stats.io_seconds - io  # that wait is exposed I/O, not sync
         if launch is not None:
             # launch the experts before the sync: the GPU runs them right after the router
             # while Python waits, instead of idling while Python builds them after the sync
             ids, landing = launch
-            mx.async_eval(indices, *([] if guess is None else [guess]))  # the sync waits for this
             ahead = glu(x, ids)
             mx.async_eval(ahead)
         elif guess is not None:

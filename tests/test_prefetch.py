@@ -287,15 +287,24 @@ class _ReadsAtSubmit:
         pass
 
 
+@pytest.mark.parametrize("before_launch", ["waits", "launches"])
 @pytest.mark.parametrize(
     "reader", ["python", pytest.param("native", marks=NATIVE_MARKS), "slow-disk"]
 )
-def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkeypatch):
-    """Read-ahead and presync together: the rows of guesses still landing at launch are
-    recomputed once landed; the logits stay stock mlx-lm's. ``slow-disk``: reads land only
-    when waited for, so a row computed over a slot still being read cannot go unnoticed."""
+def test_read_ahead_with_experts_launched_before_the_sync(
+    layout, reader, before_launch, monkeypatch
+):
+    """Read-ahead and presync together; the logits stay stock mlx-lm's. ``waits`` (recent
+    precision at least ``_WAIT_PRECISION``): a layer waits for its guesses still landing before
+    it launches its experts, so no launch sees one landing. ``launches`` (precision below it):
+    the rows of guesses still landing at launch are recomputed once landed. ``slow-disk``: reads
+    land only when waited for, so a row computed over a slot still being read cannot go
+    unnoticed."""
     import mlx_lm
+    from flashmoe.runtime import store as store_mod
     from flashmoe.runtime.store import ExpertStore
+
+    monkeypatch.setattr(store_mod, "_WAIT_PRECISION", 0.0 if before_launch == "waits" else 2.0)
 
     src, out = layout("qwen3_5_moe")
     prompt, _, ref_tokens = reference(src)
@@ -336,7 +345,9 @@ def test_read_ahead_with_experts_launched_before_the_sync(layout, reader, monkey
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     store.settle_all()
     assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
-    if reader == "slow-disk":  # real readers land most guesses before their layer launches
+    if before_launch == "waits":
+        assert True not in landing and (True, False) in confirmed
+    elif reader == "slow-disk":  # real readers land most guesses before their layer launches
         assert True in landing  # guesses still landing at launch: their rows were recomputed
         # an all-hit step keeps its launched rows while unrouted guesses are still landing
         assert (True, True) in confirmed
@@ -387,3 +398,43 @@ def test_read_ahead_landed_before_its_layer_is_used_as_launched(layout, monkeypa
     assert fast_with_guess
     assert (True in partly) == (every == 2)
     assert 0 < store.stats.prefetch_used <= store.stats.prefetch_experts
+
+
+def test_a_request_submits_its_misses_before_it_waits_for_routed_guesses(layout):
+    """A step routed to a guess still landing and to a true miss: the miss's reads are
+    submitted first, then the guess is waited for (the two overlap instead of queueing),
+    and both hold their experts' bytes when the request's wait returns."""
+    from flashmoe.runtime.store import ExpertStore
+
+    _, out = layout("qwen3_5_moe")
+    model, _ = load(str(out), bank_experts=8, prefetch="on", reader="python")
+    store: ExpertStore = model.flashmoe.store
+    events = []
+
+    class Logged(_ReadsWhenWaited):
+        def wait_for(self, start, stop):
+            events.append(("wait", self.tag))
+            super().wait_for(start, stop)
+
+    class Reader(_SlowDisk):
+        def submit(self, requests):
+            batch = Logged(requests)
+            batch.tag = len(events)
+            events.append(("submit", batch.tag))
+            return batch
+
+    store.reader.close()
+    store.reader = Reader()
+    layer = min(store.banks)
+    store.clear_banks()
+    store.prefetch(layer, [1, 2])  # guesses for the layer, still in flight
+    pending = store.request(layer, [1, 3])  # 1: a routed guess, 3: a true miss
+    pending.wait()
+    guess_tag, miss_tag = 0, 1
+    assert events.index(("submit", miss_tag)) < events.index(("wait", guess_tag)), events
+    assert pending.hits == [1] and [e for e, _ in pending.misses] == [3]
+    bank = store.banks[layer]
+    for e in (1, 3):
+        slot = int(bank.table[e])
+        store._check(layer, [(e, bank.slot_buffers(slot))])  # raises on other bytes
+    store.settle_all()
