@@ -36,7 +36,7 @@ from .group import RankError, agree, world
 from .pipeline import Plan, plan_stages, split_model
 from .reader import make_reader
 from .sizing import default_budget, kv_cache_bytes, slots_for_budget
-from .store import ExpertStore
+from .store import ExpertStore, default_io_threads
 from .streaming import StreamingSwitchGLU, Timed, Timing, commit_early, link_next_layers
 
 
@@ -300,7 +300,7 @@ def load(
     bank_experts: int | None = None,
     memory_budget_gb: float | None = None,
     cache_io_split: int = 1,
-    io_threads: int = 8,
+    io_threads: int | None = None,
     reader: str = "auto",
     k: int | None = None,
     verify: bool = False,
@@ -313,7 +313,7 @@ def load(
     quiet: bool = True,
     trace: str | Path | None = None,
     drop_dense_cache: bool = True,
-    prefetch: str = "off",
+    prefetch: str | None = None,
     bank_policy: str = "lfu",
     hits_first: bool = True,
     fill_bank: bool | None = None,
@@ -336,7 +336,7 @@ def load(
             >= 0). Default: 75 % of physical memory. Ignored when ``bank_experts`` is given.
         cache_io_split (int): Split each expert read into this many page-aligned chunks (1..8),
             read in parallel. Default: ``1``.
-        io_threads (int): Threads of the read pool (>= 1). Default: ``8``.
+        io_threads (int): Threads of the read pool (>= 1). Default: None, 16 on CUDA, 8 elsewhere.
         reader (str): ``"native"`` (the C pool, GIL released), ``"python"``, or ``"auto"`` (native
             when it was built, else Python with a notice). Default: ``"auto"``.
         k (int, optional): Routed experts per token, 1..number of experts. Fewer is faster and
@@ -367,7 +367,8 @@ def load(
             "Dense weights"). Default: ``True``.
         prefetch (str): ``"off"``, ``"on"`` or ``"auto"``: while a layer computes, read the experts
             the next layer's router picks for the current hidden state (only residency changes,
-            never the output; ``"auto"`` backs off when it guesses badly). Default: ``"off"``.
+            never the output; ``"auto"`` backs off when it guesses badly). Default: None,
+            ``"auto"`` on CUDA (measured to win there), ``"off"`` elsewhere.
         bank_policy (str): Which resident expert a miss evicts: ``"lru"``, ``"lfu"`` or
             ``"lfuda"`` (``metal/policies.py``; only residency changes, never the output).
             Default: ``"lfu"`` (LFU with ageing: it read 3-22 % fewer bytes than LRU on every
@@ -410,6 +411,8 @@ def load(
             ``RuntimeError``; ``silent`` on all but rank 0).
         OSError: A file of the layout (or ``trace``) cannot be opened or read.
     """
+    if io_threads is None:
+        io_threads = default_io_threads()
     _check_arguments(bank_experts, memory_budget_gb, cache_io_split, io_threads, k)
     _reserve_std_fds()
     group = world(group)
@@ -509,7 +512,7 @@ def _load_stage(
     kv_sequences: int,
     trace,
     drop_dense_cache: bool,
-    prefetch: str,
+    prefetch: str | None,
     bank_policy: str,
     hits_first: bool,
     fill_bank: bool | None,

@@ -162,6 +162,22 @@ class Pending:
 
 
 PREFETCH_MODES = ("off", "on", "auto")
+
+
+def default_prefetch() -> str:
+    """The read-ahead mode used when none is asked for: ``auto`` on CUDA, where it was measured
+    to win at partial banks (H200: 1.13-1.66 x tok/s at a 25 % bank, ``benchmarks/RESULTS.md``),
+    ``off`` elsewhere (MLX's CPU backend: break-even; Metal: not measured)."""
+    return "auto" if cuda.on_cuda() else "off"
+
+
+def default_io_threads() -> int:
+    """Read-pool threads used when none are asked for: 16 on CUDA (H200 host, 16 cores: 4-5 %
+    more tok/s and 1.4 instead of 2.2 ms of exposed I/O per token than 8 at a 25 % bank,
+    ``benchmarks/RESULTS.md``), 8 elsewhere (flash-moe's pool size on Apple silicon)."""
+    return 16 if cuda.on_cuda() else 8
+
+
 # auto: read ahead only while recent precision stays above this (probing every 16th call when
 # below), and only with a bank of at least 2 x top-k slots (room for guesses beside the hits).
 _AUTO_MIN_PRECISION = 0.3
@@ -187,13 +203,15 @@ class ExpertStore:
         split: int = 1,
         verify: bool = False,
         direct: bool = False,
-        prefetch: str = "off",
+        prefetch: str | None = None,
         policy: str = "lfu",
         hits_first: bool = True,
         layers: Iterable[int] | None = None,
     ):
         from ..layouts.plan import split_plan
 
+        if prefetch is None:
+            prefetch = default_prefetch()
         if prefetch not in PREFETCH_MODES:
             raise ValueError(
                 f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}"

@@ -60,6 +60,26 @@ def test_auto_needs_room_for_guesses(layout):
     assert sum(model.flashmoe.store.prefetch_wanted(k) for _ in range(32)) == 2
 
 
+def test_default_reads_ahead_only_on_cuda(layout, monkeypatch):
+    """No ``prefetch`` given: ``auto`` where MLX computes on CUDA (measured to win there),
+    ``off`` elsewhere; likewise 16 read threads there, 8 elsewhere. ``flashmoe-run`` passes
+    None unless ``--prefetch`` / ``--io-threads`` is given."""
+    from flashmoe.metal import cuda
+    from flashmoe.runtime import store as store_mod
+    from flashmoe.runtime.cli import build_parser
+
+    _, out = layout("qwen3_5_moe")
+    model, _ = load(str(out), bank_experts=8)
+    assert model.flashmoe.store.prefetch_mode == ("auto" if cuda.on_cuda() else "off")
+    monkeypatch.setattr(store_mod.cuda, "on_cuda", lambda: True)
+    assert store_mod.default_prefetch() == "auto" and store_mod.default_io_threads() == 16
+    monkeypatch.setattr(store_mod.cuda, "on_cuda", lambda: False)
+    assert store_mod.default_prefetch() == "off" and store_mod.default_io_threads() == 8
+    args = build_parser().parse_args([str(out), "-p", "hi"])
+    assert args.prefetch is None and args.io_threads is None
+    assert build_parser().parse_args([str(out), "-p", "hi", "--prefetch", "on"]).prefetch == "on"
+
+
 def test_failed_read_ahead_leaves_no_valid_slot(layout, tmp_path):
     import shutil
 
