@@ -87,7 +87,9 @@ def start_server(cmd: list[str], port: int) -> subprocess.Popen:
 port_has_stats: dict[int, bool] = {}
 
 
-def run_level(port: int, clients: int, requests: int, max_tokens: int, base: int) -> dict:
+def run_level(
+    port: int, clients: int, requests: int, max_tokens: int, base: int, bias: dict | None = None
+) -> dict:
     latencies: list[float] = []
     tokens = [0]
     lock = threading.Lock()
@@ -101,6 +103,8 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, base: int
                     "max_tokens": max_tokens,
                     "temperature": 0.0,
                 }
+                if bias:
+                    body["logit_bias"] = bias
                 t0 = time.perf_counter()
                 out = _request(port, "POST", "/v1/chat/completions", body)
                 dt = time.perf_counter() - t0
@@ -142,6 +146,14 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, base: int
     }
 
 
+def end_token_bias(layout: Path) -> dict[str, float]:
+    """``logit_bias`` pushing the tokenizer's end tokens (its EOS ids) away."""
+    from mlx_lm.utils import load_tokenizer
+
+    ids = sorted(load_tokenizer(layout).eos_token_ids)
+    return {str(i): -100.0 for i in ids}
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| server | clients | requests | tokens | req/s | tok/s | p50 latency s | p95 latency s "
@@ -166,9 +178,11 @@ def measure(name: str, cmd: list[str], stats: bool, args) -> list[dict]:
     proc = start_server(cmd, port)
     rows, base = [], 0
     try:
-        run_level(port, 1, 2, args.max_tokens, base=10_000)  # warm-up
+        bias = args.bias
+        run_level(port, 1, 2, args.max_tokens, base=10_000, bias=bias)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
-            row = {"server": name, **run_level(port, clients, args.requests, args.max_tokens, base)}
+            level = run_level(port, clients, args.requests, args.max_tokens, base, bias)
+            row = {"server": name, **level}
             rows.append(row)
             base += clients * args.requests
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -194,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-reference", action="store_true", help="skip stock mlx_lm.server")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument(
+        "--no-eos",
+        action="store_true",
+        help="bias the end tokens away (logit_bias -100) so every reply runs to --max-tokens: a "
+        "random-weight model may otherwise end each reply at once, leaving no decode to measure",
+    )
     args = p.parse_args(argv)
+    args.bias = None
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         if args.layout:
@@ -202,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             layout = tiny_layout(Path(tmp), args.family)
             reference = args.reference or str(Path(tmp) / "ckpt")
+        if args.no_eos:
+            args.bias = end_token_bias(layout)
         serve = [py, "-m", "flashmoe.runtime.serve", str(layout), *shlex.split(args.serve_args)]
         rows = measure("flashmoe-serve", serve, True, args)
         if reference and not args.no_reference:
