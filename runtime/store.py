@@ -294,6 +294,10 @@ class ExpertStore:
         self.banks: dict[int, ExpertBank] = {}
         # (layer, slot) -> per-chunk scatter buffers; built once, reused for every read.
         self._chunk_cache: dict[tuple[int, int], list[tuple[int, tuple[memoryview, ...]]]] = {}
+        # staged reads copied in the pool: (layer, slot) -> device bases of the slot's tensors,
+        # (area key, record) -> that staging record's chunks and copy-triple template
+        self._dst_bases: dict[tuple[int, int], np.ndarray] = {}
+        self._copy_templates: dict[tuple[int, int], tuple] = {}
         # CUDA (managed memory): reads land in pinned staging and are DMA'd to the slots
         # (metal/cuda.py says why); decided when the first bank exists. None elsewhere.
         self._cuda: cuda.CudaDevice | None = None
@@ -734,17 +738,14 @@ class ExpertStore:
                     requests.append(ReadRequest(fd, e * record + start, bufs, path))
                     nbytes += length
         elif self._copies_in_pool:
-            addrs, sizes = self._bank_arrays[layer]
-            base = cuda.address(area.view)
             for i, (e, slot) in enumerate(part):
-                dst_base = addrs + np.uint64(slot) * sizes - self._component_offsets
-                src_base = np.uint64(base + i * record)
-                for start, bufs, length, comp, lo, n in self._staged_chunks(area, i):
-                    triples = np.empty((comp.size, 3), dtype=np.uint64)
-                    triples[:, 0] = dst_base[comp] + lo
-                    triples[:, 1] = src_base + lo
-                    triples[:, 2] = n
-                    requests.append((fd, e * record + start, bufs, path, triples.tobytes()))
+                dst = self._slot_bases(layer, slot)
+                chunks, template, comp, bounds = self._staged_copies(area, i)
+                triples = template.copy()  # (dst offset, src, bytes) per piece; dst += its base
+                triples[:, 0] += dst[comp]
+                packed = triples.tobytes()
+                for (start, bufs, length), lo, hi in zip(chunks, bounds, bounds[1:], strict=False):
+                    requests.append((fd, e * record + start, bufs, path, packed[lo:hi]))
                     nbytes += length
         else:
             for i, (e, _) in enumerate(part):
@@ -815,6 +816,38 @@ class ExpertStore:
                 chunks.append((start, bufs, length, comp, lo, n))
             self._chunk_cache[key] = chunks
         return chunks
+
+    def _slot_bases(self, layer: int, slot: int) -> np.ndarray:
+        """Per component of ``layer``'s bank: the device address of ``slot``'s tensor minus the
+        component's offset in the record (+ a record offset = where that byte goes)."""
+        key = (layer, slot)
+        bases = self._dst_bases.get(key)
+        if bases is None:
+            addrs, sizes = self._bank_arrays[layer]
+            bases = addrs + np.uint64(slot) * sizes - self._component_offsets
+            self._dst_bases[key] = bases
+        return bases
+
+    def _staged_copies(self, area: _Area, i: int):
+        """Staging record ``i``'s chunks as (start, views, length), with the copy triples of all
+        of them in one array: ``template`` rows (record offset, host address, bytes), the
+        component of each row, and each chunk's byte range in ``template.tobytes()``. Per
+        expert, the request builder then adds the slot's bases to one column (no per-chunk
+        numpy work on the hot path)."""
+        key = (area.key, i)
+        cached = self._copy_templates.get(key)
+        if cached is None:
+            src = np.uint64(cuda.address(area.view) + i * self.index.record_size)
+            chunks, rows, comps, bounds = [], [], [], [0]
+            for start, bufs, length, comp, lo, n in self._staged_chunks(area, i):
+                chunks.append((start, bufs, length))
+                rows.append(np.stack([lo, src + lo, n], axis=1))
+                comps.append(comp)
+                bounds.append(bounds[-1] + comp.size * 3 * 8)
+            template = np.concatenate(rows).astype(np.uint64)
+            cached = (chunks, template, np.concatenate(comps), bounds)
+            self._copy_templates[key] = cached
+        return cached
 
     def clear_banks(self) -> None:
         """Empty every bank (as right after loading); the next calls read all their experts."""
