@@ -7,7 +7,9 @@ Without LAYOUT a tiny random-weight checkpoint is built and converted in a tempo
 and stock ``mlx_lm.server`` on that checkpoint is measured the same way for reference.
 Each client sends ``--requests`` non-streaming chat requests back to back, each with a prompt no
 other request shares (so the server's prompt cache cannot help); the bank counters come from
-``GET /flashmoe/stats`` before and after each level (decode and prefill together).
+``GET /flashmoe/stats`` before and after each level (decode and prefill together): hit rate, MB
+read, exposed I/O (the time computation waited for reads) per token and, with read-ahead
+(``--serve-args '--prefetch on'``), its precision and the share of bytes read ahead never used.
 """
 
 from __future__ import annotations
@@ -126,12 +128,17 @@ def run_level(
     if errors:
         raise errors[0]
     lat = sorted(latencies)
-    hit_rate = mb = None
+    hit_rate = mb = io_ms = precision = unused = None
     if stats:
         after = _request(port, "GET", "/flashmoe/stats")
-        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-        hit_rate = hits / (hits + misses) if hits + misses else 0.0
-        mb = (after["bytes_read"] - before["bytes_read"]) / 1e6 / max(tokens[0], 1)
+        d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+        n = max(tokens[0], 1)
+        hit_rate = d["hits"] / (d["hits"] + d["misses"]) if d["hits"] + d["misses"] else 0.0
+        mb = d["bytes_read"] / 1e6 / n
+        io_ms = 1e3 * d["io_seconds"] / n  # exposed: the time computation waited for reads
+        if d.get("prefetch_experts"):
+            precision = d["prefetch_used"] / d["prefetch_experts"]
+            unused = d["prefetch_unused_bytes"] / d["bytes_read"] if d["bytes_read"] else 0.0
     return {
         "clients": clients,
         "requests": len(lat),
@@ -143,30 +150,42 @@ def run_level(
         "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
         "hit_rate": hit_rate,
         "mb_read_per_token": mb,
+        "exposed_io_ms_per_token": io_ms,
+        "prefetch_precision": precision,
+        "prefetch_unused_share": unused,
     }
 
 
 def end_token_bias(layout: Path) -> dict[str, float]:
-    """``logit_bias`` pushing the tokenizer's end tokens (its EOS ids) away."""
-    from mlx_lm.utils import load_tokenizer
+    """``logit_bias`` pushing the end tokens away: the tokenizer's EOS ids and those of the
+    config (``load_config`` merges generation_config.json's), as the servers load them."""
+    from mlx_lm.utils import load_config, load_tokenizer
 
-    ids = sorted(load_tokenizer(layout).eos_token_ids)
+    eos = load_config(layout).get("eos_token_id")
+    ids = sorted(load_tokenizer(layout, eos_token_ids=eos).eos_token_ids)
     return {str(i): -100.0 for i in ids}
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         "| server | clients | requests | tokens | req/s | tok/s | p50 latency s | p95 latency s "
-        "| bank hit rate | MB read/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bank hit rate | MB read/token | exposed I/O ms/token | read-ahead precision "
+        "| read-ahead MB never used |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pct(v):
+        return "-" if v is None else f"{v * 100:.1f}%"
+
     for r in rows:
-        rate = "-" if r["hit_rate"] is None else f"{r['hit_rate'] * 100:.1f}%"
         mb = "-" if r["mb_read_per_token"] is None else f"{r['mb_read_per_token']:.2f}"
+        io = r.get("exposed_io_ms_per_token")
+        io = "-" if io is None else f"{io:.2f}"
         lines.append(
             f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens']} | "
             f"{r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | "
-            f"{r['p95_s']:.2f} | {rate} | {mb} |"
+            f"{r['p95_s']:.2f} | {pct(r['hit_rate'])} | {mb} | {io} | "
+            f"{pct(r.get('prefetch_precision'))} | {pct(r.get('prefetch_unused_share'))} |"
         )
     return "\n".join(lines)
 

@@ -249,6 +249,27 @@ def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch)
         assert True in confirmed and False in confirmed, len(prompts)
 
 
+@pytest.mark.parametrize("presync", [False, True])
+def test_read_ahead_in_batched_decode_is_bit_identical(layout, presync):
+    """A batch of rows (flashmoe-serve's batched decode) reads ahead the union of its rows'
+    guesses: every step's logits are stock mlx-lm's, at banks that miss, and guesses were read."""
+    import mlx_lm
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    stock, _ = mlx_lm.load(str(src))
+    prompts = [prompt[:8], prompt[8:16], prompt[16:24]]
+    tokens = [[t, (t * 7) % 97, (t * 13) % 89] for t in ref_tokens[:10]]
+    expected = _step_logits(stock, prompts, tokens)
+    for bank in (8, 12):  # of 16; three rows route to up to 6 experts per step
+        model, _ = load(str(out), bank_experts=bank, prefetch="on")
+        store = model.flashmoe.store
+        store.presync = presync
+        got = _step_logits(model, prompts, tokens)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)), bank
+        assert store.stats.prefetch_experts > 0 and store.stats.misses > 0
+
+
 class _ReadsWhenWaited:
     """A batch whose reads run only when waited for: the slowest disk there is, made
     deterministic (a slot is read before its read lands unless the code waits for it)."""
@@ -458,3 +479,22 @@ def test_a_request_submits_its_misses_before_it_waits_for_routed_guesses(layout)
         slot = int(bank.table[e])
         store._check(layer, [(e, bank.slot_buffers(slot))])  # raises on other bytes
     store.settle_all()
+
+
+def test_serve_stats_report_read_ahead(layout):
+    """``GET /flashmoe/stats`` (``runtime_stats``) carries the read-ahead counters that
+    ``benchmarks/serve_bench.py`` turns into precision and bytes never used per level."""
+    import mlx_lm
+    from flashmoe.runtime.serve import runtime_stats
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, _ = reference(src)
+    model, tok = load(str(out), bank_experts=8, prefetch="on")
+    list(mlx_lm.stream_generate(model, tok, prompt, max_tokens=12))
+    stats = runtime_stats(model.flashmoe)
+    s = model.flashmoe.store.stats
+    assert stats["prefetch"] == "on"
+    assert stats["prefetch_experts"] == s.prefetch_experts > 0
+    assert 0 < stats["prefetch_used"] <= stats["prefetch_experts"]
+    assert stats["prefetch_bytes"] == s.prefetch_bytes <= stats["bytes_read"]
+    assert stats["prefetch_unused_bytes"] == s.prefetch_unused_bytes <= stats["prefetch_bytes"]
