@@ -226,6 +226,17 @@ def test_gpu_summary_pairs_alternating_rows_in_order():
     assert other["bank"] == 10 and other["rows"] == 1
 
 
+def test_gpu_rows_say_hits_first_only_where_it_acts():
+    """On CUDA at real sizes hits first is asked for but a step with misses is computed whole:
+    such a row is labelled '-', not 'hf' (rows written before the field keep their setting)."""
+    from flashmoe.bench.gpu_bench import _config_label
+
+    row = {"prefetch": "auto", "hits_first": True, "eager": "presync", "policy": "lfu"}
+    assert _config_label(dict(row, hits_first_effective=False)) == "auto/-/presync/lfu"
+    assert _config_label(dict(row, hits_first_effective=True)) == "auto/hf/presync/lfu"
+    assert _config_label(row) == "auto/hf/presync/lfu"
+
+
 def test_a_worker_past_its_timeout_is_a_clear_error(tmp_path):
     """A measurement that runs too long (e.g. MLX compiling its kernels on a fresh GPU machine)
     is killed and reported in one line, not as a crash of the bench."""
