@@ -8,7 +8,7 @@ table, slot ids), a commit (``mx.async_eval``) of one or ten small ops, a router
 gate on one token, top-10) read back with ``np.array`` or waited for with ``mx.eval``, and each of
 those with a large kernel queued behind (or running during) it, which shows whether the host step
 waits for the GPU's unrelated work. On CUDA also the router's ids copied to pinned memory by the
-driver (``cuMemcpyDtoHAsync``) instead of read by the CPU. Runs on any backend (the CPU's figures
+driver (``cuMemcpyDtoHAsync``) instead of read by the CPU, with and without a kernel behind. Runs on any backend (the CPU's figures
 say little: there is no device to wait for).
 """
 
@@ -120,5 +120,17 @@ if found is not None:
         return host[: r.size].copy()
 
     case("router -> mx.eval -> cuMemcpyDtoHAsync to pinned + stream sync", dma)
+
+    def dma_behind() -> np.ndarray:
+        r = router()
+        mx.async_eval(r)
+        behind()
+        mx.eval(r)
+        dev.bind()
+        copy(pinned_at, cuda.address(memoryview(r)), r.nbytes, dev._stream)
+        dev.synchronize()
+        return host[: r.size].copy()
+
+    case("router, a large kernel queued behind it; mx.eval + DMA copy", dma_behind, 50)
     r = router()
     print("copied ids equal np.array's:", bool(np.array_equal(dma(), np.array(r).ravel())))
