@@ -197,10 +197,9 @@ def measure(name: str, cmd: list[str], stats: bool, args) -> list[dict]:
     proc = start_server(cmd, port)
     rows, base = [], 0
     try:
-        bias = args.bias
-        run_level(port, 1, 2, args.max_tokens, base=10_000, bias=bias)  # warm-up
+        run_level(port, 1, 2, args.max_tokens, base=10_000, bias=args.bias)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
-            level = run_level(port, clients, args.requests, args.max_tokens, base, bias)
+            level = run_level(port, clients, args.requests, args.max_tokens, base, args.bias)
             row = {"server": name, **level}
             rows.append(row)
             base += clients * args.requests
@@ -234,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         "random-weight model may otherwise end each reply at once, leaving no decode to measure",
     )
     args = p.parse_args(argv)
-    args.bias = None
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         if args.layout:
@@ -242,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             layout = tiny_layout(Path(tmp), args.family)
             reference = args.reference or str(Path(tmp) / "ckpt")
-        if args.no_eos:
-            args.bias = end_token_bias(layout)
+        args.bias = end_token_bias(layout) if args.no_eos else None
         serve = [py, "-m", "flashmoe.runtime.serve", str(layout), *shlex.split(args.serve_args)]
         rows = measure("flashmoe-serve", serve, True, args)
         if reference and not args.no_reference:
