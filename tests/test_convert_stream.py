@@ -24,13 +24,19 @@ SHARD_BYTES = 400_000
 
 
 def disk_bytes(*roots: Path) -> int:
-    return sum(
-        p.stat().st_size
-        for r in roots
-        if r.exists()
-        for p in r.rglob("*")
-        if p.is_file() and not p.is_symlink()
-    )
+    """Bytes of the files under ``roots``. A converter running beside this deletes files: one
+    that vanishes mid-count makes it count again (a count is taken between two deletions)."""
+    while True:
+        try:
+            return sum(
+                p.stat().st_size
+                for r in roots
+                if r.exists()
+                for p in r.rglob("*")
+                if p.is_file() and not p.is_symlink()
+            )
+        except FileNotFoundError:
+            continue
 
 
 def layout_files(out: Path) -> dict[str, bytes]:
@@ -68,10 +74,16 @@ def test_streamed_conversion_is_identical_with_bounded_disk(hub, hub_checkpoint,
     def on_request(method: str, path: str, headers) -> None:
         name = path.rsplit("/", 1)[-1]
         if method == "GET" and name in shards and "Range" not in headers:
-            # at the start of a shard's download: what is held, plus the shard itself
+            # at the start of a shard's download: what is held, plus the shard itself (an
+            # exception here would drop the download and make the client fetch it again)
             peaks.append(disk_bytes(cache, out) + shards[name])
-            blobs = [p for p in cache.rglob("blobs/*") if p.stat().st_size in sizes]
-            held.append(len(blobs) + len(list(cache.rglob("*.incomplete"))))
+            while True:  # a finished shard may be deleted mid-count: count again
+                try:
+                    blobs = [p for p in cache.rglob("blobs/*") if p.stat().st_size in sizes]
+                    held.append(len(blobs) + len(list(cache.rglob("*.incomplete"))))
+                    break
+                except FileNotFoundError:
+                    continue
 
     hub.on_request = on_request
     index = convert_checkpoint(REPO, out, progress=False, verify=True)
