@@ -368,7 +368,8 @@ def load(
         prefetch (str): ``"off"``, ``"on"`` or ``"auto"``: while a layer computes, read the experts
             the next layer's router picks for the current hidden state (only residency changes,
             never the output; ``"auto"`` backs off when it guesses badly). Default: None,
-            ``"auto"`` on CUDA (measured to win there), ``"off"`` elsewhere.
+            ``"auto"`` on CUDA and on MLX's CPU backend (measured to win there), ``"off"`` on
+            Metal (not measured yet).
         bank_policy (str): Which resident expert a miss evicts: ``"lru"``, ``"lfu"`` or
             ``"lfuda"`` (``metal/policies.py``; only residency changes, never the output).
             Default: ``"lfu"`` (LFU with ageing: it read 3-22 % fewer bytes than LRU on every

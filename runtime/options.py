@@ -79,7 +79,8 @@ def add_runtime_options(p: argparse.ArgumentParser, *, model_optional: bool = Fa
         default=None,
         help="read the next layer's guessed experts ahead (its router on the current hidden "
         "state) while this layer computes; auto backs off on low precision or a bank under 2 x "
-        "top-k slots (default: auto on an NVIDIA GPU, where it was measured to win; off elsewhere)",
+        "top-k slots (default: auto on an NVIDIA GPU and on the CPU, where it was measured to "
+        "win; off on Metal)",
     )
     s.add_argument(
         "--hits-first",

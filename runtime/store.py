@@ -164,11 +164,19 @@ class Pending:
 PREFETCH_MODES = ("off", "on", "auto")
 
 
+def overlap_measured() -> bool:
+    """Whether MLX computes on a backend where read-ahead and experts launched before the router
+    sync were measured to win at partial banks: CUDA (H200: 1.35-1.40 x the serial runtime at a
+    25 % bank) and the CPU (this project's machines, 25 % bank, 397B routing geometry: pair
+    medians 1.05 and 1.14 x the serial settings, 10 of 10 pairs; read-ahead alone broke even on a
+    model bound by its matmuls; ``benchmarks/RESULTS.md``). Not Metal, where neither is measured."""
+    return cuda.on_cuda() or mx.default_device() == mx.cpu
+
+
 def default_prefetch() -> str:
-    """The read-ahead mode used when none is asked for: ``auto`` on CUDA, where it was measured
-    to win at partial banks (H200: 1.13-1.66 x tok/s at a 25 % bank, ``benchmarks/RESULTS.md``),
-    ``off`` elsewhere (MLX's CPU backend: break-even; Metal: not measured)."""
-    return "auto" if cuda.on_cuda() else "off"
+    """The read-ahead mode used when none is asked for: ``auto`` where ``overlap_measured``,
+    ``off`` elsewhere (Metal)."""
+    return "auto" if overlap_measured() else "off"
 
 
 def default_io_threads() -> int:
@@ -232,12 +240,12 @@ class ExpertStore:
         # (``streaming.commit_early``), whenever the router syncs, and a decode token's experts
         # are launched before its router sync, over the bank's device table
         # (``slots_before_sync``; the sync then only confirms they were all resident). On CUDA
-        # only, where they were measured: the GPU runs each piece while the host builds the next
-        # (H200, 4 layers: early commits ~2 ms less router-sync wait per token; presync ~0.6-1 ms
-        # less host time per token, +3 % tok/s on average).
-        # MLX's CPU backend gains nothing; Metal already commits command buffers during a long
-        # eval, so there it would mostly add commits (unmeasured).
-        self.eager_layers = self.presync = cuda.on_cuda()
+        # and the CPU, where they were measured: the device runs each piece while the host builds
+        # the next (H200, 4 layers: early commits ~2 ms less router-sync wait per token; presync
+        # ~0.6-1 ms less host time per token, +3 % tok/s on average; CPU: with read-ahead, half
+        # the router-sync wait, ``overlap_measured``). Metal already commits command buffers
+        # during a long eval, so there it would mostly add commits (unmeasured).
+        self.eager_layers = self.presync = overlap_measured()
         # The decoder layers' norms too (a benchmark knob: measured, no gain with ``presync``,
         # whose router commit follows the post-attention norm at once).
         self.early_norms = False

@@ -60,21 +60,24 @@ def test_auto_needs_room_for_guesses(layout):
     assert sum(model.flashmoe.store.prefetch_wanted(k) for _ in range(32)) == 2
 
 
-def test_default_reads_ahead_only_on_cuda(layout, monkeypatch):
-    """No ``prefetch`` given: ``auto`` where MLX computes on CUDA (measured to win there),
-    ``off`` elsewhere; likewise 16 read threads there, 8 elsewhere. ``flashmoe-run`` passes
-    None unless ``--prefetch`` / ``--io-threads`` is given."""
-    from flashmoe.metal import cuda
+def test_default_reads_ahead_on_cuda_and_the_cpu(layout, monkeypatch):
+    """No ``prefetch`` given: ``auto``, with the experts launched before the router sync
+    (presync), where MLX computes on CUDA or on the CPU (measured to win there), ``off`` and no
+    presync on Metal (not measured); 16 read threads on CUDA, 8 elsewhere. ``flashmoe-run``
+    passes None unless ``--prefetch`` / ``--io-threads`` is given."""
     from flashmoe.runtime import store as store_mod
     from flashmoe.runtime.cli import build_parser
 
     _, out = layout("qwen3_5_moe")
     model, _ = load(str(out), bank_experts=8)
-    assert model.flashmoe.store.prefetch_mode == ("auto" if cuda.on_cuda() else "off")
+    store = model.flashmoe.store
+    assert store.prefetch_mode == "auto" and store.presync and store.eager_layers
     monkeypatch.setattr(store_mod.cuda, "on_cuda", lambda: True)
     assert store_mod.default_prefetch() == "auto" and store_mod.default_io_threads() == 16
     monkeypatch.setattr(store_mod.cuda, "on_cuda", lambda: False)
-    assert store_mod.default_prefetch() == "off" and store_mod.default_io_threads() == 8
+    assert store_mod.default_prefetch() == "auto" and store_mod.default_io_threads() == 8
+    monkeypatch.setattr(store_mod.mx, "default_device", lambda: store_mod.mx.gpu)  # Metal
+    assert store_mod.default_prefetch() == "off" and not store_mod.overlap_measured()
     args = build_parser().parse_args([str(out), "-p", "hi"])
     assert args.prefetch is None and args.io_threads is None
     assert build_parser().parse_args([str(out), "-p", "hi", "--prefetch", "on"]).prefetch == "on"
