@@ -167,9 +167,10 @@ PREFETCH_MODES = ("off", "on", "auto")
 def overlap_measured() -> bool:
     """Whether MLX computes on a backend where read-ahead and experts launched before the router
     sync were measured to win at partial banks: CUDA (H200: 1.35-1.40 x the serial runtime at a
-    25 % bank) and the CPU (this project's machines, 25 % bank, 397B routing geometry: pair
-    medians 1.05 and 1.14 x the serial settings, 10 of 10 pairs; read-ahead alone broke even on a
-    model bound by its matmuls; ``benchmarks/RESULTS.md``). Not Metal, where neither is measured."""
+    25 % bank) and the CPU (this project's machines, 397B routing geometry: pair medians 1.05 and
+    1.14 x the serial settings at a 25 % bank, 1.15 x at 50 %, break-even at the minimum bank;
+    read-ahead alone broke even on a model bound by its matmuls; ``benchmarks/RESULTS.md``).
+    Not Metal, where neither is measured."""
     return cuda.on_cuda() or mx.default_device() == mx.cpu
 
 
