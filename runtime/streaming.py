@@ -164,8 +164,9 @@ class StreamingSwitchGLU(nn.Module):
             # the next layer's router on this layer's input: evaluated in the same sync
             guess = mx.argpartition(nxt.gate(x), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k :]
         decode = indices.ndim >= 2 and indices.shape[-2] == 1  # one position per sequence
+        one_token = indices.size == indices.shape[-1]
         launch = None
-        if decode and store.presync:
+        if decode and store.presync and (one_token or store.presync_batched):
             # the router first (the sync waits for it): it runs while guesses still landing
             # for this layer are waited for
             mx.async_eval(indices, *([] if guess is None else [guess]))

@@ -249,11 +249,36 @@ def test_experts_launched_before_the_sync_are_bit_identical(layout, monkeypatch)
         confirmed.clear()
         for bank in (6, 12):  # of 16
             model, _ = load(str(out), bank_experts=bank)
-            model.flashmoe.store.presync = True
+            model.flashmoe.store.presync = model.flashmoe.store.presync_batched = True
             got = _step_logits(model, prompts, tokens)
             assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
         # both outcomes were exercised: all resident (used as launched) and some missing
         assert True in confirmed and False in confirmed, len(prompts)
+
+
+def test_batched_steps_launch_before_the_sync_only_where_asked(layout, monkeypatch):
+    """``presync_batched`` False (the CPU default): one sequence's decode steps launch their
+    experts before the router sync, a batch's steps do not (a batched step with a miss would be
+    computed again whole); True: both do."""
+    from flashmoe.runtime.store import ExpertStore
+
+    src, out = layout("qwen3_5_moe")
+    prompt, _, ref_tokens = reference(src)
+    launches = []
+    real = ExpertStore.slots_before_sync
+    monkeypatch.setattr(
+        ExpertStore, "slots_before_sync", lambda s, *a: launches.append(1) or real(s, *a)
+    )
+    one = ([prompt], [[t] for t in ref_tokens[:4]])
+    two = ([prompt[:8], prompt[8:16]], [[t, (t * 7) % 97] for t in ref_tokens[:4]])
+    for batched in (False, True):
+        for prompts, tokens in (one, two):
+            model, _ = load(str(out), bank_experts=8)
+            store = model.flashmoe.store
+            store.presync, store.presync_batched = True, batched
+            launches.clear()
+            _step_logits(model, prompts, tokens)
+            assert bool(launches) == (len(prompts) == 1 or batched), (batched, len(prompts))
 
 
 @pytest.mark.parametrize("presync", [False, True])
@@ -271,7 +296,7 @@ def test_read_ahead_in_batched_decode_is_bit_identical(layout, presync):
     for bank in (8, 12):  # of 16; three rows route to up to 6 experts per step
         model, _ = load(str(out), bank_experts=bank, prefetch="on")
         store = model.flashmoe.store
-        store.presync = presync
+        store.presync = store.presync_batched = presync
         got = _step_logits(model, prompts, tokens)
         assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)), bank
         assert store.stats.prefetch_experts > 0 and store.stats.misses > 0
