@@ -249,8 +249,8 @@ class ExpertStore:
         self.eager_layers = self.presync = overlap_measured()
         # Presync for a batch of rows too (flashmoe-serve's batched decode). A batched step with
         # a miss is computed again whole, so the launch is wasted work; on the CPU, where that is
-        # matmul time, 4 rows at the minimum bank ran 0.76-0.98 x with it (``tests/``
-        # keep it covered by setting this). On CUDA as measured before: not restricted.
+        # matmul time, 4 rows at the minimum bank ran 0.76-0.98 x with it
+        # (``benchmarks/batched_presync.py``). On CUDA, as measured before: not restricted.
         self.presync_batched = cuda.on_cuda()
         # The decoder layers' norms too (a benchmark knob: measured, no gain with ``presync``,
         # whose router commit follows the post-attention norm at once).

@@ -23,20 +23,33 @@ REPO = "flashmoe-test/tiny-moe-checkpoint"
 SHARD_BYTES = 400_000
 
 
-def disk_bytes(*roots: Path) -> int:
-    """Bytes of the files under ``roots``. A converter running beside this deletes files: one
-    that vanishes mid-count makes it count again (a count is taken between two deletions)."""
+def recounted(count):
+    """``count()``, taken again while a file vanishes under it: a converter running beside it
+    deletes files, and a count is taken between two deletions."""
     while True:
         try:
-            return sum(
-                p.stat().st_size
-                for r in roots
-                if r.exists()
-                for p in r.rglob("*")
-                if p.is_file() and not p.is_symlink()
-            )
+            return count()
         except FileNotFoundError:
             continue
+
+
+def disk_bytes(*roots: Path) -> int:
+    """Bytes of the files under ``roots`` (``recounted``)."""
+    return recounted(
+        lambda: sum(
+            p.stat().st_size
+            for r in roots
+            if r.exists()
+            for p in r.rglob("*")
+            if p.is_file() and not p.is_symlink()
+        )
+    )
+
+
+def held_blobs(cache: Path, sizes: set[int]) -> int:
+    """Shards held in the Hub cache: blobs of a shard's size, and downloads under way."""
+    blobs = [p for p in cache.rglob("blobs/*") if p.stat().st_size in sizes]
+    return len(blobs) + len(list(cache.rglob("*.incomplete")))
 
 
 def layout_files(out: Path) -> dict[str, bytes]:
@@ -77,13 +90,7 @@ def test_streamed_conversion_is_identical_with_bounded_disk(hub, hub_checkpoint,
             # at the start of a shard's download: what is held, plus the shard itself (an
             # exception here would drop the download and make the client fetch it again)
             peaks.append(disk_bytes(cache, out) + shards[name])
-            while True:  # a finished shard may be deleted mid-count: count again
-                try:
-                    blobs = [p for p in cache.rglob("blobs/*") if p.stat().st_size in sizes]
-                    held.append(len(blobs) + len(list(cache.rglob("*.incomplete"))))
-                    break
-                except FileNotFoundError:
-                    continue
+            held.append(recounted(lambda: held_blobs(cache, sizes)))
 
     hub.on_request = on_request
     index = convert_checkpoint(REPO, out, progress=False, verify=True)
